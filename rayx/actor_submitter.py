@@ -1,0 +1,159 @@
+"""Actor calls: straight from caller to the actor's worker, in order per caller.
+
+    handle.m.remote() -> ActorSubmitter.submit(spec)
+        actor address unknown --> queue; head.GetActor(wait_alive) --> connect --> flush queue
+        connected ------------> ("actor_call", spec) on the one connection to that actor
+    ("done", task_id, descs) <- worker
+    connection lost --> calls in flight retried after restart (max_task_retries) or failed with
+                        ActorDiedError; the next call asks the head for the new address
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from rayx import wire
+from rayx.exceptions import ActorDiedError, TaskCancelledError
+from rayx.protocol import rayx_pb2 as pb
+from rayx.task_spec import TaskSpec
+
+
+@dataclass(slots=True)
+class ActorConn:
+    actor_id: str
+    conn: wire.Connection | None = None
+    queue: deque = field(default_factory=deque)
+    inflight: dict = field(default_factory=dict)
+    resolving: bool = False
+    dead: str = ""  # why the actor is dead, once it is
+
+
+class ActorSubmitter:
+    """One connection per actor this process calls; calls queue while the actor is starting."""
+
+    def __init__(self, core):
+        self.core = core
+        self.actors: dict[str, ActorConn] = {}
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def submit(self, spec: TaskSpec) -> None:
+        with self.lock:
+            ac = self.actors.get(spec.actor_id)
+            if ac is None:
+                ac = self.actors[spec.actor_id] = ActorConn(spec.actor_id)
+            if ac.dead:
+                dead = ac.dead
+            else:
+                dead = ""
+                if ac.conn is not None and not ac.queue:
+                    self._send(ac, spec)
+                else:
+                    ac.queue.append(spec)
+                    self._resolve(ac)
+        if dead:
+            self.core.fail_task(spec, ActorDiedError(dead))
+
+    def _send(self, ac: ActorConn, spec: TaskSpec) -> None:
+        ac.inflight[spec.task_id] = spec
+        try:
+            ac.conn.send(("actor_call", spec))
+        except ConnectionError:
+            pass  # the close callback deals with it
+
+    def _resolve(self, ac: ActorConn) -> None:
+        """Ask the head where the actor lives, then connect and flush. Lock held."""
+        if ac.resolving or ac.conn is not None or self.closed:
+            return
+        ac.resolving = True
+        req = pb.GetActorRequest(actor_id=ac.actor_id, wait_alive=True, timeout=3600)
+        fut = self.core.head.GetActor.future(req)
+        fut.add_done_callback(lambda f: self._on_resolved(ac, f))
+
+    def _on_resolved(self, ac: ActorConn, fut) -> None:
+        try:
+            info = fut.result()
+            state, cause, address = info.state, info.death_cause, info.worker_address
+        except Exception as exc:
+            state, cause, address = "DEAD", f"the head could not be reached: {exc}", ""
+        conn = None
+        if state == "ALIVE":
+            try:
+                conn = wire.connect(address, self._on_msg, lambda c: self._on_lost(ac, c))
+                conn.peer = ac
+            except OSError:
+                conn = None  # it died in between: ask again
+        with self.lock:
+            ac.resolving = False
+            if conn is not None:
+                ac.conn = conn
+                while ac.queue:
+                    self._send(ac, ac.queue.popleft())
+                return
+            if state != "DEAD":
+                self._resolve(ac)
+                return
+            ac.dead = cause or "the actor is dead"
+            failed = list(ac.queue)
+            ac.queue.clear()
+        for spec in failed:
+            self.core.fail_task(spec, ActorDiedError(ac.dead))
+
+    def _on_msg(self, conn: wire.Connection, msg) -> None:
+        if msg[0] != "done":
+            return
+        ac: ActorConn = conn.peer
+        with self.lock:
+            spec = ac.inflight.pop(msg[1], None)
+        if spec is not None:
+            self.core.finish_task(spec, msg[2])
+
+    def _on_lost(self, ac: ActorConn, conn: wire.Connection) -> None:
+        with self.lock:
+            if ac.conn is conn:
+                ac.conn = None
+            lost = sorted(ac.inflight.values(), key=lambda s: s.attempt)
+            ac.inflight.clear()
+            retry = [s for s in lost if s.attempt < s.max_retries]
+            for s in retry:
+                s.attempt += 1
+            ac.queue.extendleft(reversed(retry))
+            failed = [s for s in lost if s not in retry]
+            if ac.queue and not self.closed:
+                self._resolve(ac)
+        for spec in failed:
+            self.core.fail_task(spec, ActorDiedError(
+                f"the actor died while running {spec.name}; it was not retried "
+                f"(max_task_retries={spec.max_retries})"))
+
+    def cancel(self, spec: TaskSpec, force: bool) -> None:
+        with self.lock:
+            ac = self.actors.get(spec.actor_id)
+            queued = ac is not None and spec in ac.queue
+            if queued:
+                ac.queue.remove(spec)
+        if queued:
+            self.core.fail_task(spec, TaskCancelledError(f"call {spec.name} was cancelled"))
+        elif ac is not None and ac.conn is not None:
+            try:
+                ac.conn.send(("cancel", spec.task_id))
+            except ConnectionError:
+                pass
+
+    def forget(self, actor_id: str, cause: str) -> None:
+        """The actor was killed from here: fail what waits for it without asking the head."""
+        with self.lock:
+            ac = self.actors.get(actor_id)
+            if ac is None:
+                return
+            ac.dead = cause
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            conns = [ac.conn for ac in self.actors.values() if ac.conn is not None]
+        for c in conns:
+            c.on_close = None
+            c.close()

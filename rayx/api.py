@@ -1,0 +1,293 @@
+"""The native API's state: the process's one CoreClient and the local cluster it may own.
+
+    rayx.init() -> new session -> node process (head + node manager) -> CoreClient
+    rayx.shutdown() / interpreter exit -> close CoreClient -> stop node process
+In a worker, the worker sets its own CoreClient here (set_worker_core) and init() is a no-op.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from dataclasses import dataclass
+
+from rayx import cluster, serialization
+from rayx.config import Settings, load_settings
+from rayx.core import CoreClient
+from rayx.exceptions import InvalidOptionError, RayxError
+from rayx.object_ref import ObjectRef
+from rayx.protocol import rayx_pb2 as pb
+from rayx.scheduler import validate_resources
+
+_lock = threading.RLock()
+_core: CoreClient | None = None
+_node: cluster.NodeProcess | None = None
+_worker = None  # the Worker object, in worker processes
+
+
+@dataclass(slots=True)
+class ClusterInfo:
+    """What init() returns: where the cluster is and how to reach it."""
+
+    address: str
+    session_dir: str
+    node_id: str
+
+
+def init(address: str | None = None, *, num_cpus: float | None = None,
+         num_gpus: int | None = None, resources: dict | None = None,
+         object_store_memory: int | None = None, ignore_reinit_error: bool = False,
+         _settings: Settings | None = None, **settings) -> ClusterInfo:
+    """Start a local cluster (no address) or connect to one; returns where it is."""
+    global _core, _node
+    with _lock:
+        if _core is not None:
+            if _worker is not None or ignore_reinit_error:
+                return _info()
+            raise RuntimeError("rayx.init() was already called; call rayx.shutdown() first, "
+                               "or pass ignore_reinit_error=True")
+        conf = _settings or load_settings(**settings)
+        if address is None and os.environ.get("RAYX_ADDRESS"):
+            address = os.environ["RAYX_ADDRESS"]
+        if address is not None:
+            _core = _connect(address, conf)
+        else:
+            _core, _node = _start_local(conf, num_cpus, num_gpus, resources,
+                                        object_store_memory)
+        return _info()
+
+
+def _start_local(conf: Settings, num_cpus, num_gpus, resources, object_store_memory):
+    _check_init_args(num_cpus, num_gpus, resources, object_store_memory)
+    table, gpus = cluster.node_resources(num_cpus, num_gpus, resources)
+    store = object_store_memory or cluster.default_store_memory(conf)
+    session = cluster.new_session(conf)
+    node = cluster.start_node(session, conf, head=True, resources=table, num_gpus=gpus,
+                              object_store_memory=store, driver_pid=os.getpid())
+    try:
+        core = CoreClient(node_address=node.address, head_address=node.address,
+                          token=session.token, session_dir=session.dir, settings=conf)
+    except BaseException:
+        cluster.stop_node(node)
+        raise
+    return core, node
+
+
+def _connect(address: str, conf: Settings) -> CoreClient:
+    from rayx import connect
+    return connect.connect_driver(address, conf)
+
+
+def _check_init_args(num_cpus, num_gpus, resources, object_store_memory) -> None:
+    if num_cpus is not None:
+        validate_resources({"CPU": num_cpus}, "num_cpus")
+    if num_gpus is not None:
+        if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 0:
+            raise InvalidOptionError(f"num_gpus must be a whole number >= 0, got {num_gpus!r}")
+    if resources is not None:
+        validate_resources(resources, "resources")
+    if object_store_memory is not None and (
+            not isinstance(object_store_memory, int) or object_store_memory <= 0):
+        raise InvalidOptionError(f"object_store_memory must be a positive number of bytes, "
+                                 f"got {object_store_memory!r}")
+
+
+def _info() -> ClusterInfo:
+    return ClusterInfo(_core.node_address, _core.session_dir, _core.node_id)
+
+
+def shutdown() -> None:
+    """Disconnect, and stop the local cluster if this process started it."""
+    global _core, _node
+    with _lock:
+        if _worker is not None:
+            return
+        core, node = _core, _node
+        _core = _node = None
+    if core is not None:
+        core.close()
+    if node is not None:
+        cluster.stop_node(node)
+
+
+def is_initialized() -> bool:
+    return _core is not None
+
+
+def core() -> CoreClient:
+    """The process's CoreClient; starts a local cluster if none exists yet, as Ray does."""
+    c = _core
+    if c is None:
+        init(ignore_reinit_error=True)
+        c = _core
+    return c
+
+
+def set_worker_core(c: CoreClient, worker) -> None:
+    global _core, _worker
+    _core, _worker = c, worker
+
+
+def worker():
+    return _worker
+
+
+def _as_list(refs, what: str) -> tuple[list[ObjectRef], bool]:
+    if isinstance(refs, ObjectRef):
+        return [refs], True
+    if isinstance(refs, (list, tuple)):
+        bad = [r for r in refs if not isinstance(r, ObjectRef)]
+        if bad:
+            raise TypeError(f"{what}() takes ObjectRefs, got {type(bad[0]).__name__}: "
+                            f"{bad[0]!r}")
+        return list(refs), False
+    raise TypeError(f"{what}() takes an ObjectRef or a list of them, got "
+                    f"{type(refs).__name__}")
+
+
+def get(refs, *, timeout: float | None = None):
+    """The value(s) behind refs, waiting up to `timeout` seconds."""
+    items, single = _as_list(refs, "get")
+    values = core().get(items, timeout)
+    return values[0] if single else values
+
+
+def put(value) -> ObjectRef:
+    """Store a value in the cluster; returns its reference."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself instead")
+    return core().put(value)
+
+
+def wait(refs, *, num_returns: int = 1, timeout: float | None = None,
+         fetch_local: bool = True) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Wait until num_returns of refs are ready or timeout passes; returns (ready, not_ready)."""
+    items, single = _as_list(refs, "wait")
+    if single:
+        raise TypeError("wait() takes a list of ObjectRefs")
+    if len(set(items)) != len(items):
+        raise ValueError("wait() got the same ObjectRef more than once")
+    if not isinstance(num_returns, int) or not 0 <= num_returns <= len(items):
+        raise ValueError(f"num_returns must be between 0 and {len(items)}, got {num_returns!r}")
+    return core().wait(items, num_returns, timeout)
+
+
+def cancel(ref: ObjectRef, *, force: bool = False) -> None:
+    """Cancel the task behind ref: queued tasks are dropped, running ones interrupted."""
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"cancel() takes an ObjectRef, got {type(ref).__name__}")
+    core().cancel(ref, force)
+
+
+def kill(actor, *, no_restart: bool = True) -> None:
+    """Kill an actor now; calls to it then raise ActorDiedError."""
+    from rayx.actor import ActorHandle
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"kill() takes an actor handle, got {type(actor).__name__}")
+    core().head.KillActor(pb.KillActorRequest(actor_id=actor.actor_id, no_restart=no_restart))
+
+
+def kill_quietly(actor_id: str) -> None:
+    c = _core
+    if c is not None and not c.closed:
+        c.head.KillActor.future(pb.KillActorRequest(actor_id=actor_id, no_restart=True))
+
+
+def lookup_actor(name: str):
+    from rayx.actor import ActorHandle
+    info = core().head.GetActor(pb.GetActorRequest(name=name))
+    if info.state in ("NONE", "DEAD"):
+        return None
+    return ActorHandle(serialization.loads(info.handle_meta))
+
+
+def get_actor(name: str):
+    """The handle of the live actor called `name`."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"get_actor() takes a non-empty actor name, got {name!r}")
+    handle = lookup_actor(name)
+    if handle is None:
+        raise ValueError(f"no live actor named {name!r}")
+    return handle
+
+
+def _nodes_raw() -> list[pb.NodeInfo]:
+    return list(core().head.GetNodes(pb.Empty()).nodes)
+
+
+def nodes() -> list[dict]:
+    """Every node the head knows, alive or dead, with address and resources."""
+    return [{"NodeID": n.node_id, "Alive": n.alive, "Address": n.address,
+             "Resources": dict(n.total.amounts), "Available": dict(n.available.amounts),
+             "StoreDir": n.store_dir} for n in _nodes_raw()]
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the live nodes."""
+    return _sum(n.total.amounts for n in _nodes_raw() if n.alive)
+
+
+def available_resources() -> dict[str, float]:
+    """Resources not held by any task or actor right now (as of the last heartbeats)."""
+    c = core()
+    out = {}
+    for n in _nodes_raw():
+        if not n.alive:
+            continue
+        amounts = (c.node.GetResources(pb.Empty()).available.amounts
+                   if n.node_id == c.node_id else n.available.amounts)
+        for k, v in amounts.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def _sum(maps) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for m in maps:
+        for k, v in m.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def get_gpu_ids() -> list[int]:
+    """GPU ids given to the running task or actor (in the driver: those it can see)."""
+    w = _worker
+    if w is not None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        return [int(x) for x in visible.split(",") if x.strip()]
+    return list(range(cluster.detect_gpus()))
+
+
+class RuntimeContext:
+    """What running code can learn about where it runs."""
+
+    def get_node_id(self) -> str:
+        return core().node_id
+
+    def get_worker_id(self) -> str:
+        return core().client_id
+
+    def get_task_id(self) -> str | None:
+        cur = getattr(_worker, "current", None)
+        return cur.task_id if cur is not None else None
+
+    def get_actor_id(self) -> str | None:
+        return getattr(_worker, "actor_id", None) or None
+
+    @property
+    def node_id(self) -> str:
+        return self.get_node_id()
+
+    @property
+    def worker_mode(self) -> str:
+        return "WORKER" if _worker is not None else "DRIVER"
+
+
+def get_runtime_context() -> RuntimeContext:
+    return RuntimeContext()
+
+
+atexit.register(shutdown)
+
+__all__ = ["RayxError"]

@@ -1,0 +1,68 @@
+"""Settings: every knob of rayx in one place, read once and passed down.
+
+Defaults live in `Settings`; `RAYX_<FIELD>` environment variables override them, and arguments of
+`rayx.init` override both. Child processes receive the settings they need on their command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(slots=True)
+class Settings:
+    """Tunable behaviour of the runtime (see docs/architecture.md for what each one does)."""
+
+    # values at or under this many bytes travel inline in messages, never touching the store
+    inline_threshold: int = 100 * 1024
+    # default store capacity as a fraction of RAM (capped by free space in /dev/shm)
+    object_store_fraction: float = 0.3
+    # how long an owner keeps an idle leased worker before handing it back (seconds)
+    lease_idle_timeout: float = 0.25
+    # tasks pushed to one leased worker before the owner waits for replies
+    max_tasks_in_flight_per_worker: int = 8
+    # workers started ahead of demand per node (None: one per CPU)
+    prestart_workers: int | None = None
+    # a node silent this long is declared dead (seconds)
+    node_timeout: float = 10.0
+    heartbeat_interval: float = 1.0
+    # where session directories live
+    temp_dir: str = "/tmp/rayx"
+    # where shared-memory object files live
+    shm_dir: str = "/dev/shm"
+    # seconds a process waits for the cluster's processes to come up
+    start_timeout: float = 30.0
+    log_to_driver: bool = True
+
+
+def _coerce(kind: str, raw: str):
+    if "bool" in kind:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if "int" in kind and "None" in kind and raw.strip().lower() in ("", "none"):
+        return None
+    if "int" in kind:
+        return int(raw)
+    if "float" in kind:
+        return float(raw)
+    return raw
+
+
+def load_settings(**overrides) -> Settings:
+    """Build settings from defaults, then RAYX_* environment variables, then `overrides`."""
+    values = {}
+    for f in fields(Settings):
+        raw = os.environ.get("RAYX_" + f.name.upper())
+        if raw is not None:
+            values[f.name] = _coerce(str(f.type), raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """Encode settings as RAYX_* variables, so child processes read the same values."""
+    out = {}
+    for k, v in dataclasses.asdict(settings).items():
+        out["RAYX_" + k.upper()] = "none" if v is None else str(v)
+    return out

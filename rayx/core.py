@@ -1,0 +1,430 @@
+"""The core client: the part of every driver and worker that owns objects and submits work.
+
+    put/get/wait/cancel ---------------------------> OwnershipTable (ownership.py)
+    f.remote() -> encode args -> wait for deps --> TaskSubmitter (submitter.py) -> leased worker
+    actor.m.remote() ------------------------------> ActorSubmitter (actor_submitter.py)
+    borrowers --("get_object")--> listener --------> reply when the object is ready
+    node manager (gRPC): leases, store reservations, blocked/unblocked, frees
+
+Everything a process does with the cluster goes through one CoreClient, held in rayx.api.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from rayx import ids, rpc, serialization, wire
+from rayx.actor_submitter import ActorSubmitter
+from rayx.config import Settings
+from rayx.exceptions import (
+    GetTimeoutError,
+    ObjectLostError,
+    OwnerDiedError,
+    RayxError,
+    RayxTaskError,
+    TaskCancelledError,
+)
+from rayx.object_ref import ObjectRef
+from rayx.object_store import map_object, write_object
+from rayx.ownership import OwnershipTable
+from rayx.protocol import rayx_pb2 as pb
+from rayx.submitter import TaskSubmitter
+from rayx.task_spec import TaskSpec
+from rayx.timers import Timers
+
+
+class CoreClient:
+    """Ownership, submission and object access for one process."""
+
+    def __init__(self, *, node_address: str, head_address: str, token: str, session_dir: str,
+                 settings: Settings, client_id: str | None = None, is_driver: bool = True,
+                 listener: wire.Listener | None = None):
+        self.client_id = client_id or ids.new_id()
+        self.is_driver = is_driver
+        self.settings = settings
+        self.token = token
+        self.session_dir = session_dir
+        self.node_address = node_address
+        self.head_address = head_address
+        self.channel = rpc.channel(node_address, token)
+        self.node = rpc.node_stub(self.channel)
+        self.head_channel = (self.channel if head_address == node_address
+                             else rpc.channel(head_address, token))
+        self.head = rpc.head_stub(self.head_channel)
+        info = self.node.GetResources(pb.Empty(), timeout=settings.start_timeout)
+        self.node_id, self.store_dir = info.node_id, info.store_dir
+        self._node_stubs: dict[str, object] = {node_address: self.node}
+        self.table = OwnershipTable()
+        self.timers = Timers().start()
+        self._owned_listener = listener is None
+        if listener is None:
+            path = os.path.join(session_dir, "sockets", f"c-{self.client_id}.sock")
+            listener = wire.Listener(f"unix:{path}", self.handle_request).start()
+        self.listener = listener
+        self.address = listener.address
+        self._owner_conns: dict[str, wire.Connection] = {}
+        self._fetches: dict[str, list] = {}  # object id -> waiting callbacks, while fetching
+        self._lock = threading.Lock()
+        self.submitter = TaskSubmitter(self)
+        self.actors = ActorSubmitter(self)
+        self.blocked_hook = None  # set by workers: lends the CPU back while blocked in get
+        self.closed = False
+        if is_driver:
+            self.node.RegisterClient(pb.ClientInfo(client_id=self.client_id, pid=os.getpid(),
+                                                   is_driver=True))
+
+    # ------------------------------------------------------------------ objects
+
+    def new_ref(self, oid: str) -> ObjectRef:
+        return ObjectRef(oid, self.address, self)
+
+    def put(self, value) -> ObjectRef:
+        """Store a value and return a reference owned by this process."""
+        oid = ids.new_id()
+        with serialization.collect_refs() as nested:
+            so = serialization.serialize(value)
+        self.table.mark_escaped(r.id for r in nested)
+        self.table.add_owned(oid, self.address, self.store_serialized(oid, so))
+        return self.new_ref(oid)
+
+    def store_serialized(self, oid: str, so: serialization.SerializedObject,
+                         owner_id: str | None = None) -> tuple:
+        """Put serialized bytes inline or into the node's store; returns the descriptor."""
+        if so.size <= self.settings.inline_threshold:
+            return ("i", so.to_bytes())
+        owner_id = owner_id or self.client_id
+        reply = self.node.ReserveObject(pb.ReserveRequest(object_id=oid, size=so.size))
+        if not reply.ok:
+            from rayx.exceptions import ObjectStoreFullError
+            raise ObjectStoreFullError(reply.error)
+        write_object(reply.path, so)
+        self.node.SealObject(pb.SealRequest(object_id=oid, size=so.size, owner_id=owner_id))
+        return ("s", self.node_id, self.node_address, so.size)
+
+    def release_ref(self, oid: str) -> None:
+        desc = self.table.remove_ref(oid)
+        if desc is not None and desc[0] == "s" and not self.closed:
+            self._free([(oid, desc)])
+
+    def _free(self, items) -> None:
+        by_node: dict[str, list[str]] = {}
+        for oid, desc in items:
+            if desc[0] == "s":
+                by_node.setdefault(desc[2], []).append(oid)
+        for address, oids in by_node.items():
+            try:
+                self.node_stub(address).FreeObjects.future(pb.ObjectIds(object_ids=oids))
+            except Exception:
+                pass
+
+    def node_stub(self, address: str):
+        stub = self._node_stubs.get(address)
+        if stub is None:
+            stub = self._node_stubs[address] = rpc.node_stub(rpc.channel(address, self.token))
+        return stub
+
+    def on_ready(self, ref: ObjectRef, cb) -> None:
+        """Call cb() once the object behind `ref` is ready (or known lost)."""
+        self._when_ready(ref.id, ref.owner_address, lambda desc: cb())
+
+    def _when_ready(self, oid: str, owner_address: str, cb) -> None:
+        """Call cb(desc) when ready; asks the owner when this process only borrows the ref."""
+        entry = self.table.get(oid)
+        if entry is None or not entry.owned:
+            if entry is not None and entry.desc is not None:
+                cb(entry.desc)
+                return
+            if owner_address == self.address:
+                cb(("lost",))
+                return
+            self._fetch(oid, owner_address, cb)
+            return
+        desc = self.table.on_ready(oid, cb)
+        if desc is not None:
+            cb(desc)
+
+    def _fetch(self, oid: str, owner_address: str, cb) -> None:
+        with self._lock:
+            waiting = self._fetches.get(oid)
+            if waiting is not None:
+                waiting.append(cb)
+                return
+            self._fetches[oid] = [cb]
+        try:
+            conn = self._owner_conn(owner_address)
+            conn.send(("get_object", oid))
+        except (OSError, ConnectionError):
+            self._fetched(oid, ("lost", "owner"))
+
+    def _owner_conn(self, address: str) -> wire.Connection:
+        with self._lock:
+            conn = self._owner_conns.get(address)
+            if conn is not None and not conn.closed:
+                return conn
+        conn = wire.connect(address, self._on_owner_reply, self._on_owner_closed)
+        conn.peer = address
+        with self._lock:
+            self._owner_conns[address] = conn
+        return conn
+
+    def _on_owner_reply(self, conn, msg) -> None:
+        if msg[0] == "object":
+            self._fetched(msg[1], msg[2])
+
+    def _on_owner_closed(self, conn) -> None:
+        with self._lock:
+            if self._owner_conns.get(conn.peer) is conn:
+                del self._owner_conns[conn.peer]
+            lost = list(self._fetches)
+        if not self.closed:
+            for oid in lost:  # only fetches that were sent to this owner are affected in practice
+                entry = self.table.get(oid)
+                if entry is None or entry.owner_address == conn.peer:
+                    self._fetched(oid, ("lost", "owner"))
+
+    def _fetched(self, oid: str, desc: tuple) -> None:
+        with self._lock:
+            cbs = self._fetches.pop(oid, [])
+        entry = self.table.get(oid)
+        if entry is not None and desc[0] != "lost":
+            entry.desc = desc  # immutable objects: cache the location for later gets
+        for cb in cbs:
+            cb(desc)
+
+    def handle_request(self, conn: wire.Connection, msg) -> None:
+        """Requests from other processes to this process as an owner."""
+        if msg[0] == "get_object":
+            oid = msg[1]
+            self._when_ready(oid, self.address,
+                             lambda desc: _send_quietly(conn, ("object", oid, desc)))
+
+    def get(self, refs: list[ObjectRef], timeout: float | None) -> list:
+        """Values of `refs`, in order; raises the first task error met."""
+        descs = self._wait_descs(refs, timeout)
+        return [self.materialize(r.id, d) for r, d in zip(refs, descs)]
+
+    def _wait_descs(self, refs: list[ObjectRef], timeout: float | None) -> list[tuple]:
+        n = len(refs)
+        descs: list = [None] * n
+        remaining = [n]
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def settle(i, desc):
+            with lock:
+                if descs[i] is not None:
+                    return
+                descs[i] = desc
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+        for i, ref in enumerate(refs):
+            self._when_ready(ref.id, ref.owner_address, lambda d, i=i: settle(i, d))
+        if n == 0 or done.is_set():
+            return descs
+        self._wait_blocked(done, timeout, refs)
+        return descs
+
+    def _wait_blocked(self, event: threading.Event, timeout: float | None, refs) -> None:
+        hook = self.blocked_hook
+        if hook is not None:
+            hook(True)
+        try:
+            if not event.wait(timeout):
+                raise GetTimeoutError(
+                    f"get() timed out after {timeout} s waiting for {len(refs)} object(s) "
+                    f"(first: {refs[0]!r}); raise timeout= or check that their tasks can run")
+        finally:
+            if hook is not None:
+                hook(False)
+
+    def materialize(self, oid: str, desc: tuple):
+        """Turn a ready descriptor into a value (zero-copy for store objects on this node)."""
+        kind = desc[0]
+        if kind == "i":
+            return serialization.deserialize(desc[1])[0]
+        if kind == "e":
+            raise _as_raisable(serialization.deserialize(desc[1])[0])
+        if kind == "s":
+            return serialization.deserialize(self._map(oid, desc))[0]
+        if kind == "lost":
+            if len(desc) > 1 and desc[1] == "owner":
+                raise OwnerDiedError(f"object {oid}: its owner process is gone, so is the object")
+            raise ObjectLostError(f"object {oid} was freed or lost and cannot be rebuilt")
+        raise RayxError(f"unknown object descriptor {kind!r}")
+
+    def _map(self, oid: str, desc: tuple) -> memoryview:
+        path = os.path.join(self.store_dir, oid)
+        if desc[1] == self.node_id:
+            try:
+                return map_object(path)
+            except FileNotFoundError:
+                pass
+        reply = self.node.RestoreObject(pb.RestoreRequest(
+            object_id=oid, from_node=desc[2] if desc[1] != self.node_id else ""))
+        if not reply.ok:
+            raise ObjectLostError(f"object {oid} is lost: {reply.error}")
+        return map_object(reply.path)
+
+    def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None):
+        """Ready and not-ready refs, once num_returns are ready or the timeout passes."""
+        ready_flags = [False] * len(refs)
+        count = [0]
+        cond = threading.Condition()
+
+        def mark(i):
+            with cond:
+                if not ready_flags[i]:
+                    ready_flags[i] = True
+                    count[0] += 1
+                    cond.notify_all()
+
+        for i, ref in enumerate(refs):
+            self._when_ready(ref.id, ref.owner_address, lambda d, i=i: mark(i))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with cond:
+            if count[0] < num_returns and self.blocked_hook is not None:
+                self.blocked_hook(True)
+                blocked = True
+            else:
+                blocked = False
+            try:
+                while count[0] < num_returns:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    cond.wait(left)
+            finally:
+                if blocked:
+                    self.blocked_hook(False)
+            flags = list(ready_flags)
+        ready = [r for r, f in zip(refs, flags) if f][:num_returns]
+        chosen = {id(r) for r in ready}
+        return ready, [r for r in refs if id(r) not in chosen]
+
+    # ------------------------------------------------------------------ tasks
+
+    def submit(self, spec: TaskSpec, deps: list[ObjectRef]) -> list[ObjectRef]:
+        """Register the task's results as owned, then send it once its arguments are ready."""
+        for rid in spec.return_ids:
+            self.table.add_owned(rid, self.address, lineage=spec)
+        refs = [self.new_ref(rid) for rid in spec.return_ids]
+        self.table.pin(d.id for d in deps)
+        self._resolve_then(spec, deps, self._dispatch)
+        return refs
+
+    def _dispatch(self, spec: TaskSpec) -> None:
+        if spec.actor_id:
+            self.actors.submit(spec)
+        else:
+            self.submitter.submit(spec)
+
+    def _resolve_then(self, spec: TaskSpec, deps: list[ObjectRef], then) -> None:
+        """Fill each top-level ref argument with its descriptor, then call then(spec)."""
+        slots = [a for a in spec.args if a[0] == "r"] + [
+            a for a in spec.kwargs.values() if a[0] == "r"]
+        if not slots:
+            then(spec)
+            return
+        pending = [len(slots)]
+        lock = threading.Lock()
+
+        def filled(slot, desc):
+            slot[3] = desc
+            with lock:
+                pending[0] -= 1
+                last = pending[0] == 0
+            if last:
+                failed = next((s[3] for s in slots if s[3][0] in ("e", "lost")), None)
+                if failed is not None:  # a dependency failed: so does this task, with its error
+                    self.finish_task(spec, [_dep_error(failed, spec)] * len(spec.return_ids))
+                else:
+                    then(spec)
+
+        for slot in slots:
+            self._when_ready(slot[1], slot[2], lambda d, s=slot: filled(s, d))
+
+    def finish_task(self, spec: TaskSpec, descs: list[tuple]) -> None:
+        """A task is over for good: publish its results and release its argument pins."""
+        to_free = []
+        for rid, desc in zip(spec.return_ids, descs):
+            cbs, free = self.table.complete(rid, desc)
+            if free is not None:
+                to_free.append((rid, free))
+            for cb in cbs:
+                cb(desc)
+        deps = [a[1] for a in spec.args if a[0] == "r"] + [
+            a[1] for a in spec.kwargs.values() if a[0] == "r"]
+        to_free += self.table.unpin(deps)
+        if to_free:
+            self._free(to_free)
+
+    def fail_task(self, spec: TaskSpec, error: BaseException) -> None:
+        so = serialization.serialize(error, error=True)
+        self.finish_task(spec, [("e", so.to_bytes())] * len(spec.return_ids))
+
+    def cancel(self, ref: ObjectRef, force: bool) -> None:
+        entry = self.table.get(ref.id)
+        if entry is None or not entry.owned or entry.lineage is None:
+            raise ValueError(f"cancel() takes a reference returned by a task this process "
+                             f"submitted; {ref!r} is not one")
+        if entry.desc is not None:
+            return
+        spec = entry.lineage
+        if spec.actor_id:
+            self.actors.cancel(spec, force)
+        else:
+            self.submitter.cancel(spec, force)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Hand back leases, close connections, stop the timer thread."""
+        if self.closed:
+            return
+        self.closed = True
+        self.submitter.close()
+        self.actors.close()
+        self.timers.stop()
+        with self._lock:
+            conns = list(self._owner_conns.values())
+        for c in conns:
+            c.close()
+        if self._owned_listener:
+            self.listener.stop()
+        if self.is_driver:
+            try:
+                self.node.UnregisterClient(pb.ClientInfo(client_id=self.client_id), timeout=2)
+            except Exception:
+                pass
+        if self.head_channel is not self.channel:
+            self.head_channel.close()
+        self.channel.close()
+
+
+def _send_quietly(conn: wire.Connection, msg) -> None:
+    try:
+        conn.send(msg)
+    except ConnectionError:
+        pass
+
+
+def _as_raisable(err) -> BaseException:
+    if isinstance(err, RayxTaskError):
+        return err.as_instanceof_cause()
+    if isinstance(err, BaseException):
+        return err
+    return RayxError(f"task failed: {err!r}")
+
+
+def _dep_error(desc: tuple, spec: TaskSpec) -> tuple:
+    if desc[0] == "e":
+        return desc
+    err = ObjectLostError(f"an argument of task {spec.name} was lost before it could run")
+    return ("e", serialization.serialize(err, error=True).to_bytes())
+
+
+__all__ = ["CoreClient", "TaskCancelledError"]

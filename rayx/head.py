@@ -1,0 +1,334 @@
+"""The head service: cluster state that is not on the per-task path.
+
+    node managers --RegisterNode/Heartbeat--> node table (dead after settings.node_timeout)
+    callers --CreateActor--> actor directory --StartActor--> a node manager that fits
+    callers --GetActor(wait_alive)--> address of the actor's worker
+    node managers --ReportActorState(WORKER_DIED)--> restart (max_restarts) or DEAD
+    anyone --KvPut/KvGet/KvDel--> small key-value store
+
+State persists in SQLite (head.db in the session directory), so a restarted head recovers its
+actors, names and KV entries. One background thread (the monitor) owns node liveness and actor
+(re)scheduling; stop() ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+
+from rayx import rpc
+from rayx.protocol import rayx_pb2 as pb
+from rayx.protocol import rayx_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ActorRecord:
+    spec: pb.ActorSpec
+    state: str = "PENDING"
+    address: str = ""
+    node_id: str = ""
+    worker_id: str = ""
+    cause: str = ""
+    restarts: int = 0
+    killed: bool = False
+
+
+@dataclass(slots=True)
+class NodeRecord:
+    info: pb.NodeInfo
+    last_seen: float = field(default_factory=time.time)
+
+
+class HeadService(rayx_pb2_grpc.HeadServicer):
+    """Node table, actor directory, named actors and KV of one cluster."""
+
+    def __init__(self, db_path: str, token: str, settings):
+        self.token = token
+        self.settings = settings
+        self.nodes: dict[str, NodeRecord] = {}
+        self.actors: dict[str, ActorRecord] = {}
+        self.names: dict[str, str] = {}
+        self.cond = threading.Condition()
+        self.db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self.db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS actors (id TEXT PRIMARY KEY, spec BLOB, "
+                        "state TEXT, cause TEXT)")
+        self._stubs: dict[str, object] = {}
+        self._to_schedule: list[str] = []
+        self._stopped = False
+        self._load()
+        self._monitor = threading.Thread(target=self._monitor_loop, name="rayx-head-monitor",
+                                         daemon=True)
+
+    def start(self) -> HeadService:
+        self._monitor.start()
+        return self
+
+    def _load(self) -> None:
+        for aid, spec_bytes, state, cause in self.db.execute(
+                "SELECT id, spec, state, cause FROM actors"):
+            spec = pb.ActorSpec.FromString(spec_bytes)
+            rec = ActorRecord(spec, state="DEAD" if state == "DEAD" else "RESTARTING",
+                              cause=cause or "")
+            self.actors[aid] = rec
+            if spec.name and rec.state != "DEAD":
+                self.names[spec.name] = aid
+            if rec.state != "DEAD":
+                self._to_schedule.append(aid)
+
+    def _persist(self, rec: ActorRecord) -> None:
+        with self.cond:
+            self.db.execute("INSERT OR REPLACE INTO actors VALUES (?, ?, ?, ?)",
+                            (rec.spec.actor_id, rec.spec.SerializeToString(), rec.state,
+                             rec.cause))
+
+    # ------------------------------------------------------------------ nodes
+
+    def RegisterNode(self, request, context):
+        with self.cond:
+            self.nodes[request.node_id] = NodeRecord(request)
+            request.alive = True
+            self.cond.notify_all()
+        return pb.RegisterNodeReply()
+
+    def Heartbeat(self, request, context):
+        with self.cond:
+            rec = self.nodes.get(request.node_id)
+            if rec is not None and rec.info.alive:
+                rec.last_seen = time.time()
+                rec.info.available.CopyFrom(request.available)
+                rec.info.pending_demand.CopyFrom(request.pending_demand)
+                rec.info.last_heartbeat = rec.last_seen
+        return pb.Empty()
+
+    def GetNodes(self, request, context):
+        with self.cond:
+            return pb.NodeList(nodes=[r.info for r in self.nodes.values()])
+
+    def alive_nodes(self) -> list[pb.NodeInfo]:
+        with self.cond:
+            return [r.info for r in self.nodes.values() if r.info.alive]
+
+    def _node_stub(self, address: str):
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = rpc.node_stub(rpc.channel(address, self.token))
+        return stub
+
+    # ------------------------------------------------------------------ actors
+
+    def CreateActor(self, request, context):
+        with self.cond:
+            if request.name:
+                other = self.names.get(request.name)
+                if other is not None and self.actors[other].state != "DEAD":
+                    return pb.CreateActorReply(ok=False, error=(
+                        f"an actor named {request.name!r} already exists; pick another name "
+                        "or fetch it with rayx.get_actor()"))
+                self.names[request.name] = request.actor_id
+            rec = self.actors[request.actor_id] = ActorRecord(request)
+            self._to_schedule.append(request.actor_id)
+            self.cond.notify_all()
+        self._persist(rec)
+        return pb.CreateActorReply(ok=True)
+
+    def GetActor(self, request, context):
+        deadline = time.monotonic() + (request.timeout or 0)
+        with self.cond:
+            aid = request.actor_id or self.names.get(request.name, "")
+            rec = self.actors.get(aid)
+            while (rec is not None and request.wait_alive and rec.state not in ("ALIVE", "DEAD")
+                   and time.monotonic() < deadline and context.is_active()):
+                self.cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+            if rec is None:
+                return pb.ActorInfo(state="NONE")
+            return self._info(rec)
+
+    def _info(self, rec: ActorRecord) -> pb.ActorInfo:
+        return pb.ActorInfo(actor_id=rec.spec.actor_id, state=rec.state,
+                            worker_address=rec.address, death_cause=rec.cause,
+                            handle_meta=rec.spec.handle_meta, num_restarts=rec.restarts,
+                            node_id=rec.node_id)
+
+    def ReportActorState(self, request, context):
+        """A node reports that an actor's worker died: restart it or declare it dead."""
+        with self.cond:
+            rec = self.actors.get(request.actor_id)
+            if rec is None or rec.state == "DEAD" or rec.worker_id != request.worker_id:
+                return pb.Empty()
+            self._worker_died(rec, request.death_cause or "its worker process died")
+        self._persist(rec)
+        return pb.Empty()
+
+    def _worker_died(self, rec: ActorRecord, cause: str) -> None:
+        """Lock held."""
+        rec.address = ""
+        limit = rec.spec.max_restarts
+        if not rec.killed and (limit < 0 or rec.restarts < limit):
+            rec.restarts += 1
+            rec.state = "RESTARTING"
+            self._to_schedule.append(rec.spec.actor_id)
+        else:
+            rec.state = "DEAD"
+            rec.cause = (f"actor {rec.spec.actor_id[:12]} died: {cause}"
+                         + (f" (restarted {rec.restarts} of max_restarts={limit} times)"
+                            if not rec.killed else ""))
+        self.cond.notify_all()
+
+    def KillActor(self, request, context):
+        with self.cond:
+            rec = self.actors.get(request.actor_id)
+            if rec is None:
+                return pb.Empty()
+            rec.killed = rec.killed or request.no_restart
+            address, worker_id = rec.node_id, rec.worker_id
+            if rec.state in ("PENDING", "RESTARTING") and rec.killed:
+                rec.state, rec.cause = "DEAD", "the actor was killed with rayx.kill()"
+                self.cond.notify_all()
+        node = self._node_by_id(address)
+        if node is not None and worker_id:
+            self._node_stub(node.address).KillWorker(pb.KillWorkerRequest(worker_id=worker_id))
+        with self.cond:
+            if rec.killed and rec.state != "DEAD" and not worker_id:
+                rec.state, rec.cause = "DEAD", "the actor was killed with rayx.kill()"
+            self.cond.notify_all()
+        self._persist(rec)
+        return pb.Empty()
+
+    def _node_by_id(self, node_id: str) -> pb.NodeInfo | None:
+        with self.cond:
+            rec = self.nodes.get(node_id)
+            return rec.info if rec is not None else None
+
+    def actors_owned_by(self, owner_id: str) -> list[str]:
+        with self.cond:
+            return [a for a, r in self.actors.items()
+                    if r.spec.owner_id == owner_id and not r.spec.detached
+                    and r.state != "DEAD"]
+
+    def _schedule(self, aid: str) -> bool:
+        """Start one actor on a node that fits; False to try again later."""
+        with self.cond:
+            rec = self.actors.get(aid)
+            if rec is None or rec.state == "DEAD":
+                return True
+            spec = rec.spec
+        need = dict(spec.resources.amounts)
+        nodes = self.alive_nodes()
+        if spec.node_affinity:
+            nodes = [n for n in nodes if n.node_id == spec.node_affinity]
+        fitting = [n for n in nodes if all(n.total.amounts.get(k, 0) + 1e-9 >= v
+                                           for k, v in need.items())]
+        if not fitting:
+            if not nodes:
+                return False
+            with self.cond:
+                rec.state = "DEAD"
+                rec.cause = (f"the actor needs {need}, more than any node offers "
+                             f"({[dict(n.total.amounts) for n in nodes]})")
+                self.cond.notify_all()
+            self._persist(rec)
+            return True
+        fitting.sort(key=lambda n: -sum(n.available.amounts.get(k, 0) for k in need))
+        for node in fitting:
+            try:
+                reply = self._node_stub(node.address).StartActor(
+                    pb.StartActorRequest(spec=spec), timeout=3600)
+            except Exception as exc:
+                log.warning("starting actor %s on %s failed: %s", aid, node.address, exc)
+                continue
+            if reply.ok:
+                return self._started(rec, node, reply)
+            if reply.error == "RETRY":
+                continue
+            with self.cond:
+                rec.state, rec.cause = "DEAD", reply.error
+                self.cond.notify_all()
+            self._persist(rec)
+            return True
+        return False
+
+    def _started(self, rec: ActorRecord, node: pb.NodeInfo, reply) -> bool:
+        with self.cond:
+            rec.node_id, rec.worker_id = node.node_id, reply.worker_id
+            if rec.killed:
+                kill = True
+            else:
+                kill = False
+                rec.state, rec.address = "ALIVE", reply.worker_address
+            self.cond.notify_all()
+        if kill:
+            self._node_stub(node.address).KillWorker(
+                pb.KillWorkerRequest(worker_id=reply.worker_id))
+        self._persist(rec)
+        return True
+
+    # ------------------------------------------------------------------ KV
+
+    def KvPut(self, request, context):
+        with self.cond:
+            self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)",
+                            (request.key, request.value))
+        return pb.Empty()
+
+    def KvGet(self, request, context):
+        with self.cond:
+            row = self.db.execute("SELECT value FROM kv WHERE key = ?",
+                                  (request.key,)).fetchone()
+        return pb.KvReply(found=row is not None, value=row[0] if row else b"")
+
+    def KvDel(self, request, context):
+        with self.cond:
+            self.db.execute("DELETE FROM kv WHERE key = ?", (request.key,))
+        return pb.Empty()
+
+    # ------------------------------------------------------------------ monitor
+
+    def _monitor_loop(self) -> None:
+        """Declare silent nodes dead; (re)start actors waiting for a node."""
+        while True:
+            with self.cond:
+                if self._stopped:
+                    return
+                if not self._to_schedule:
+                    self.cond.wait(0.2)
+                todo, self._to_schedule = self._to_schedule, []
+                self._check_nodes()
+            retry = [aid for aid in todo if not self._schedule_safely(aid)]
+            with self.cond:
+                self._to_schedule.extend(retry)
+                if retry and not self._stopped:
+                    self.cond.wait(0.05)
+
+    def _schedule_safely(self, aid: str) -> bool:
+        try:
+            return self._schedule(aid)
+        except Exception:
+            log.exception("scheduling actor %s failed", aid)
+            return False
+
+    def _check_nodes(self) -> None:
+        """Lock held."""
+        now = time.time()
+        for rec in self.nodes.values():
+            if rec.info.alive and now - rec.last_seen > self.settings.node_timeout:
+                rec.info.alive = False
+                log.warning("node %s missed heartbeats for %.1f s: declared dead",
+                            rec.info.node_id, now - rec.last_seen)
+                for actor in self.actors.values():
+                    if actor.node_id == rec.info.node_id and actor.state == "ALIVE":
+                        self._worker_died(actor, f"its node {rec.info.node_id[:12]} died")
+                self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stopped = True
+            self.cond.notify_all()
+        if self._monitor.is_alive():
+            self._monitor.join(5)
+        self.db.close()

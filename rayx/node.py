@@ -1,0 +1,372 @@
+"""The node manager: one per node; workers, leases, resources and the object store.
+
+    owners --RequestLease--> fits now? idle or new worker --> GRANTED (worker socket, GPU ids)
+                             never fits here --> SPILLBACK (another node) or INFEASIBLE
+                             busy --> RETRY (the owner backs off and asks again)
+    owners --ReturnLease--> worker back to the idle pool, resources freed
+    workers --SetBlocked--> CPU lent back while blocked in get(), reclaimed after
+    head --StartActor--> a dedicated worker builds the actor
+    anyone --Reserve/Seal/Free/RestoreObject, PullObject--> the object store
+    watcher thread: heartbeats to the head; drivers' pids (local mode: driver gone -> shut down)
+
+In local mode the head service lives in this process too (node_main.py wires them together).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import psutil
+
+from rayx import ids, rpc
+from rayx.exceptions import ObjectLostError, ObjectStoreFullError
+from rayx.object_store import ObjectStore
+from rayx.protocol import rayx_pb2 as pb
+from rayx.protocol import rayx_pb2_grpc
+from rayx.scheduler import ResourcePool
+from rayx.worker_pool import WorkerPool, WorkerRecord
+
+log = logging.getLogger(__name__)
+_CHUNK = 4 * 1024 * 1024
+
+
+class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
+    """Serves one node's resources, workers and objects."""
+
+    def __init__(self, *, node_id: str, address: str, head_address: str, token: str,
+                 session_dir: str, resources: dict, num_gpus: int, store: ObjectStore,
+                 settings, driver_pid: int = 0, stdout=None):
+        self.node_id, self.address, self.head_address = node_id, address, head_address
+        self.token, self.session_dir, self.settings = token, session_dir, settings
+        self.store = store
+        self.pool = ResourcePool(resources, num_gpus)
+        self.lock = threading.Lock()
+        self.leases: dict[str, WorkerRecord] = {}
+        self.clients: dict[str, int] = {}  # driver client id -> pid
+        self.driver_pid = driver_pid
+        self.stopped = threading.Event()
+        self.head = rpc.head_stub(rpc.channel(head_address, token))
+        self._peers: dict[str, object] = {}
+        self.workers = WorkerPool(session_dir, {
+            "session_dir": session_dir, "node_id": node_id, "node_address": address,
+            "head_address": head_address, "token": token, "num_gpus": num_gpus,
+        }, self._on_worker_death, stdout=stdout)
+        self._watcher = threading.Thread(target=self._watch_loop, name="rayx-node-watch",
+                                         daemon=True)
+
+    def start(self) -> NodeManager:
+        self._register()
+        n = self.settings.prestart_workers
+        n = int(self.pool.total.get("CPU", 1)) if n is None else n
+        for _ in range(max(0, n)):
+            self._prestart()
+        self._watcher.start()
+        return self
+
+    def _prestart(self) -> None:
+        rec = self.workers.start_worker()
+
+        def wait():
+            if rec.ready.wait(self.settings.start_timeout) and rec.state == "idle":
+                self.workers.put_idle(rec)
+
+        threading.Thread(target=wait, name="rayx-prestart", daemon=True).start()
+
+    def _info(self) -> pb.NodeInfo:
+        with self.lock:
+            avail = {k: max(0.0, v) for k, v in self.pool.available.items()}
+        return pb.NodeInfo(node_id=self.node_id, address=self.address,
+                           total=pb.ResourceMap(amounts=self.pool.total),
+                           available=pb.ResourceMap(amounts=avail), alive=True,
+                           store_dir=self.store.store_dir)
+
+    def _register(self) -> None:
+        self.head.RegisterNode(self._info(), timeout=self.settings.start_timeout)
+
+    # ------------------------------------------------------------------ leases
+
+    def RequestLease(self, request, context):
+        need = dict(request.resources.amounts)
+        if request.node_affinity and request.node_affinity != self.node_id:
+            return self._redirect(need, request, only=request.node_affinity)
+        if not self.pool.fits_total(need):
+            return self._redirect(need, request)
+        if request.strategy == "SPREAD" and not request.spilled:
+            target = self._spread_target(need)
+            if target is not None and target.node_id != self.node_id:
+                return pb.LeaseReply(status="SPILLBACK", spillback_address=target.address)
+        with self.lock:
+            alloc = self.pool.acquire(need)
+        if alloc is None:
+            if not request.spilled:
+                target = self._spill_target(need, available=True)
+                if target is not None:
+                    return pb.LeaseReply(status="SPILLBACK", spillback_address=target.address)
+            return pb.LeaseReply(status="RETRY")
+        rec = self.workers.take_idle() or self._new_worker()
+        if rec is None:
+            with self.lock:
+                self.pool.release(alloc)
+            return pb.LeaseReply(status="RETRY", error="a worker could not be started")
+        rec.state, rec.alloc, rec.lease_id = "leased", alloc, ids.new_id()
+        with self.lock:
+            self.leases[rec.lease_id] = rec
+        return pb.LeaseReply(status="GRANTED", lease_id=rec.lease_id, worker_id=rec.worker_id,
+                             worker_address=rec.address, gpu_ids=alloc.gpu_ids,
+                             node_id=self.node_id)
+
+    def _new_worker(self) -> WorkerRecord | None:
+        rec = self.workers.start_worker()
+        if not rec.ready.wait(self.settings.start_timeout) or rec.state != "idle":
+            self.workers.kill(rec)
+            return None
+        return rec
+
+    def _redirect(self, need: dict, request, only: str = "") -> pb.LeaseReply:
+        target = self._spill_target(need, available=False, only=only)
+        if target is not None and not request.spilled:
+            return pb.LeaseReply(status="SPILLBACK", spillback_address=target.address)
+        totals = {n.node_id[:12]: dict(n.total.amounts) for n in self._nodes()}
+        where = f"node {only[:12]}" if only else "any node"
+        return pb.LeaseReply(status="INFEASIBLE", error=(
+            f"the task needs {need}, which {where} of the cluster cannot offer "
+            f"(node totals: {totals}); lower its resource request or add a node that has them"))
+
+    def _nodes(self) -> list[pb.NodeInfo]:
+        try:
+            return [n for n in self.head.GetNodes(pb.Empty(), timeout=5).nodes if n.alive]
+        except Exception:
+            return [self._info()]
+
+    def _spill_target(self, need: dict, available: bool, only: str = "") -> pb.NodeInfo | None:
+        for n in self._nodes():
+            if n.node_id == self.node_id or (only and n.node_id != only):
+                continue
+            amounts = n.available.amounts if available else n.total.amounts
+            if all(amounts.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+                return n
+        return None
+
+    def _spread_target(self, need: dict) -> pb.NodeInfo | None:
+        """The node with the most free CPU among those where the task fits now."""
+        fits = [n for n in self._nodes()
+                if all(n.available.amounts.get(k, 0.0) + 1e-9 >= v for k, v in need.items())]
+        if not fits:
+            return None
+        self._spread_turn = getattr(self, "_spread_turn", -1) + 1
+        fits.sort(key=lambda n: n.node_id)
+        return fits[self._spread_turn % len(fits)]
+
+    def ReturnLease(self, request, context):
+        with self.lock:
+            rec = self.leases.pop(request.lease_id, None)
+            if rec is None:
+                return pb.Empty()
+            self._release(rec)
+        if request.worker_dead:
+            self.workers.kill(rec)
+        else:
+            self.workers.put_idle(rec)
+        return pb.Empty()
+
+    def _release(self, rec: WorkerRecord) -> None:
+        """Lock held. Give back what the worker's lease or actor holds."""
+        if rec.alloc is not None:
+            if rec.lent_cpus:
+                self.pool.reclaim_cpu(rec.lent_cpus)
+                rec.lent_cpus = 0.0
+            self.pool.release(rec.alloc)
+            rec.alloc = None
+        rec.lease_id = ""
+
+    def SetBlocked(self, request, context):
+        with self.lock:
+            rec = self.workers.get(request.worker_id)
+            if rec is None or rec.alloc is None:
+                return pb.Empty()
+            if request.blocked and not rec.lent_cpus:
+                rec.lent_cpus = self.pool.lend_cpu(rec.alloc)
+            elif not request.blocked and rec.lent_cpus:
+                self.pool.reclaim_cpu(rec.lent_cpus)
+                rec.lent_cpus = 0.0
+        return pb.Empty()
+
+    def _on_worker_death(self, rec: WorkerRecord) -> None:
+        with self.lock:
+            if rec.lease_id:
+                self.leases.pop(rec.lease_id, None)
+            self._release(rec)
+        self.store.free_owner(rec.worker_id)
+        if rec.actor_id and not self.stopped.is_set():
+            try:
+                self.head.ReportActorState(pb.ActorStateUpdate(
+                    actor_id=rec.actor_id, state="WORKER_DIED", worker_id=rec.worker_id,
+                    node_id=self.node_id), timeout=10)
+            except Exception as exc:
+                log.warning("could not report the death of actor %s: %s", rec.actor_id, exc)
+
+    def KillWorker(self, request, context):
+        rec = self.workers.get(request.worker_id)
+        if rec is not None:
+            self.workers.kill(rec)
+        return pb.Empty()
+
+    # ------------------------------------------------------------------ actors
+
+    def StartActor(self, request, context):
+        spec = request.spec
+        need = dict(spec.resources.amounts)
+        if not self.pool.fits_total(need):
+            return pb.StartActorReply(ok=False, error=f"the actor needs {need}; this node "
+                                      f"offers {self.pool.total}")
+        with self.lock:
+            alloc = self.pool.acquire(need)
+        if alloc is None:
+            return pb.StartActorReply(ok=False, error="RETRY")
+        rec = self.workers.take_idle() or self._new_worker()
+        if rec is None:
+            with self.lock:
+                self.pool.release(alloc)
+            return pb.StartActorReply(ok=False, error="RETRY")
+        rec.state, rec.alloc, rec.actor_id = "actor", alloc, spec.actor_id
+        rec.ready.clear()
+        rec.conn.send(("create_actor", spec.creation_task, alloc.gpu_ids, need))
+        rec.ready.wait()
+        if rec.state == "dead":
+            return pb.StartActorReply(ok=False, error="RETRY")
+        if rec.reply is not None:
+            from rayx import serialization
+            err = serialization.deserialize(rec.reply)[0]
+            self.workers.kill(rec)
+            return pb.StartActorReply(ok=False, error=(
+                f"the actor's constructor raised: {err}"), error_value=rec.reply)
+        return pb.StartActorReply(ok=True, worker_address=rec.address, worker_id=rec.worker_id)
+
+    # ------------------------------------------------------------------ objects
+
+    def ReserveObject(self, request, context):
+        try:
+            path = self.store.reserve(request.object_id, request.size)
+        except ObjectStoreFullError as exc:
+            return pb.ReserveReply(ok=False, error=str(exc))
+        return pb.ReserveReply(ok=True, path=path)
+
+    def SealObject(self, request, context):
+        self.store.seal(request.object_id, request.size, request.owner_id)
+        return pb.Empty()
+
+    def FreeObjects(self, request, context):
+        self.store.free(request.object_ids)
+        return pb.Empty()
+
+    def RestoreObject(self, request, context):
+        try:
+            if request.from_node and not self.store.contains(request.object_id):
+                return self._pull(request.object_id, request.from_node)
+            return pb.RestoreReply(ok=True, path=self.store.restore(request.object_id))
+        except (ObjectLostError, ObjectStoreFullError, OSError) as exc:
+            return pb.RestoreReply(ok=False, error=str(exc))
+
+    def _pull(self, oid: str, from_address: str) -> pb.RestoreReply:
+        """Copy an object from another node's store into this one, chunk by chunk."""
+        peer = self._peers.get(from_address)
+        if peer is None:
+            peer = self._peers[from_address] = rpc.node_stub(rpc.channel(from_address,
+                                                                         self.token))
+        stream = peer.PullObject(pb.RestoreRequest(object_id=oid), timeout=600)
+        fd, path, size, done = -1, "", 0, 0
+        try:
+            for chunk in stream:
+                if fd < 0:
+                    size = chunk.total
+                    path = self.store.reserve(oid, size)
+                    fd = os.open(path + ".pull", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+                    os.ftruncate(fd, size)
+                os.pwrite(fd, chunk.data, done)
+                done += len(chunk.data)
+        except Exception as exc:
+            if path:
+                self.store.free([oid])
+            return pb.RestoreReply(ok=False, error=f"pulling from {from_address}: {exc}")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if fd < 0 or done != size:
+            if path:
+                self.store.free([oid])
+            return pb.RestoreReply(ok=False, error=f"object {oid} is not on {from_address}")
+        os.rename(path + ".pull", path)
+        self.store.seal(oid, size, owner_id="")
+        return pb.RestoreReply(ok=True, path=path)
+
+    def PullObject(self, request, context):
+        try:
+            path = self.store.restore(request.object_id)
+            fd = os.open(path, os.O_RDONLY)
+        except (ObjectLostError, OSError):
+            return
+        try:
+            total = os.fstat(fd).st_size
+            sent = 0
+            while sent < total:
+                data = os.pread(fd, _CHUNK, sent)
+                if not data:
+                    break
+                yield pb.Chunk(data=data, total=total)
+                sent += len(data)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ clients
+
+    def RegisterClient(self, request, context):
+        with self.lock:
+            self.clients[request.client_id] = request.pid
+        return pb.Empty()
+
+    def UnregisterClient(self, request, context):
+        with self.lock:
+            self.clients.pop(request.client_id, None)
+        self.store.free_owner(request.client_id)
+        return pb.Empty()
+
+    def GetResources(self, request, context):
+        return self._info()
+
+    def Shutdown(self, request, context):
+        self.stopped.set()
+        return pb.Empty()
+
+    def _watch_loop(self) -> None:
+        """Heartbeats to the head; drivers' liveness; the local cluster's driver."""
+        last_beat = 0.0
+        while not self.stopped.wait(0.1):
+            if self.driver_pid and not psutil.pid_exists(self.driver_pid):
+                log.info("driver %d exited: shutting the local cluster down", self.driver_pid)
+                self.stopped.set()
+                return
+            with self.lock:
+                gone = [c for c, pid in self.clients.items() if not psutil.pid_exists(pid)]
+                for c in gone:
+                    del self.clients[c]
+            for c in gone:
+                self.store.free_owner(c)
+            if time.monotonic() - last_beat >= self.settings.heartbeat_interval:
+                last_beat = time.monotonic()
+                info = self._info()
+                try:
+                    self.head.Heartbeat(pb.HeartbeatRequest(
+                        node_id=self.node_id, available=info.available), timeout=5)
+                except Exception as exc:
+                    log.warning("heartbeat to the head failed: %s", exc)
+
+    def stop(self) -> None:
+        """Stop the watcher, every worker and the fork server; remove every object."""
+        self.stopped.set()
+        if self._watcher.is_alive() and self._watcher is not threading.current_thread():
+            self._watcher.join(5)
+        self.workers.stop()
+        self.store.destroy()

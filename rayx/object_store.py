@@ -1,0 +1,176 @@
+"""The node's shared-memory object store: capacity, spilling, restoring and freeing.
+
+    writer --ReserveObject--> store makes room (spills the oldest sealed objects to disk)
+    writer --writes the file under store_dir--> --SealObject--> store records size and owner
+    reader --maps store_dir/<id>; if it is missing--> --RestoreObject--> store copies it back
+    owner  --FreeObjects--> store unlinks (readers keep their mappings: POSIX unlink semantics)
+
+Each object is one file in a per-node directory on /dev/shm, immutable once sealed. The store
+process never maps objects itself; writers and readers do (see write_object / map_object).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from rayx.exceptions import ObjectLostError, ObjectStoreFullError
+from rayx.serialization import SerializedObject
+
+
+@dataclass(slots=True)
+class StoredObject:
+    size: int
+    owner_id: str
+    spilled: bool = False
+    sealed: bool = False
+
+
+class ObjectStore:
+    """Bookkeeping of one node's objects. Thread-safe; all methods are short."""
+
+    def __init__(self, store_dir: str, spill_dir: str, capacity: int):
+        self.store_dir, self.spill_dir, self.capacity = store_dir, spill_dir, capacity
+        os.makedirs(store_dir, mode=0o700, exist_ok=True)
+        os.makedirs(spill_dir, mode=0o700, exist_ok=True)
+        self.objects: OrderedDict[str, StoredObject] = OrderedDict()  # oldest first, for spilling
+        self.used = 0  # bytes in shared memory, reservations included
+        self.spilled_bytes = 0
+        self._lock = threading.Lock()
+
+    def path(self, object_id: str) -> str:
+        return os.path.join(self.store_dir, object_id)
+
+    def reserve(self, object_id: str, size: int, owner_id: str = "") -> str:
+        """Make room for `size` bytes and return the path to write the object to."""
+        if size > self.capacity:
+            raise ObjectStoreFullError(
+                f"object of {size} bytes is larger than the whole object store "
+                f"({self.capacity} bytes); raise object_store_memory in rayx.init()")
+        with self._lock:
+            if object_id in self.objects:
+                return self.path(object_id)
+            self._make_room(size)
+            self.objects[object_id] = StoredObject(size, owner_id)
+            self.used += size
+        return self.path(object_id)
+
+    def seal(self, object_id: str, size: int, owner_id: str) -> None:
+        with self._lock:
+            obj = self.objects.get(object_id)
+            if obj is None:  # written without a reservation (restored elsewhere): count it now
+                self._make_room(size)
+                obj = self.objects[object_id] = StoredObject(size, owner_id)
+                self.used += size
+            obj.sealed, obj.owner_id = True, owner_id
+
+    def _make_room(self, size: int) -> None:
+        """Spill sealed objects, oldest first, until `size` more bytes fit. Lock held."""
+        for oid, obj in list(self.objects.items()):
+            if self.used + size <= self.capacity:
+                return
+            if obj.sealed and not obj.spilled:
+                self._spill(oid, obj)
+
+    def _spill(self, object_id: str, obj: StoredObject) -> None:
+        src, dst = self.path(object_id), os.path.join(self.spill_dir, object_id)
+        try:
+            shutil.copyfile(src, dst)
+            os.unlink(src)
+        except FileNotFoundError:
+            return
+        obj.spilled = True
+        self.used -= obj.size
+        self.spilled_bytes += obj.size
+
+    def restore(self, object_id: str) -> str:
+        """Bring a spilled object back into shared memory; return its path."""
+        with self._lock:
+            obj = self.objects.get(object_id)
+            if obj is None:
+                raise ObjectLostError(f"object {object_id} is not in this node's store "
+                                      "(it was freed, or its owner died)")
+            if not obj.spilled:
+                return self.path(object_id)
+            self.objects.move_to_end(object_id)
+            self._make_room(obj.size)
+            src = os.path.join(self.spill_dir, object_id)
+            tmp = self.path(object_id) + ".restore"
+            shutil.copyfile(src, tmp)
+            os.rename(tmp, self.path(object_id))
+            os.unlink(src)
+            obj.spilled = False
+            self.used += obj.size
+            self.spilled_bytes -= obj.size
+            return self.path(object_id)
+
+    def contains(self, object_id: str) -> bool:
+        with self._lock:
+            return object_id in self.objects
+
+    def free(self, object_ids) -> None:
+        with self._lock:
+            for oid in object_ids:
+                obj = self.objects.pop(oid, None)
+                if obj is None:
+                    continue
+                if obj.spilled:
+                    self.spilled_bytes -= obj.size
+                    _unlink(os.path.join(self.spill_dir, oid))
+                else:
+                    self.used -= obj.size
+                    _unlink(self.path(oid))
+
+    def free_owner(self, owner_id: str) -> None:
+        """Free every object of an owner that exited: nobody can resolve them any more."""
+        with self._lock:
+            ids = [oid for oid, o in self.objects.items() if o.owner_id == owner_id]
+        self.free(ids)
+
+    def destroy(self) -> None:
+        """Remove every object, in memory and on disk."""
+        with self._lock:
+            self.objects.clear()
+            self.used = self.spilled_bytes = 0
+        shutil.rmtree(self.store_dir, ignore_errors=True)
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_object(path: str, obj: SerializedObject) -> None:
+    """Write a serialized object to a store file: the single copy of a large put."""
+    fd = os.open(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, obj.size)
+        n = len(obj.header)
+        os.pwrite(fd, obj.header, 0)
+        os.pwrite(fd, obj.main, n)
+        for off, buf in zip(obj.offsets, obj.buffers):
+            view = buf.cast("B")
+            done = 0
+            while done < view.nbytes:
+                done += os.pwrite(fd, view[done:], off + done)
+    finally:
+        os.close(fd)
+    os.rename(path + ".tmp", path)  # readers never see a half-written object
+
+
+def map_object(path: str) -> memoryview:
+    """Map a sealed object read-only; the view keeps the mapping alive, even after a free."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    return memoryview(mm)

@@ -1,0 +1,295 @@
+"""Normal-task submission: leases per resource shape, tasks pushed straight to leased workers.
+
+    submit(spec) -> queue of its shape --pump--> leased worker ("task", spec)
+                       |                           |
+           RequestLease (gRPC, one at a time)      ("done", task_id, descs) -> finish_task
+           RETRY -> backoff; SPILLBACK -> ask that node; INFEASIBLE -> fail the queue
+    idle lease -> returned after settings.lease_idle_timeout
+    worker connection lost -> retry its tasks (max_retries) or fail with WorkerCrashedError
+
+While the node still grants leases, each worker gets one task at a time so work spreads; once
+the node is saturated (it answered RETRY), up to max_tasks_in_flight_per_worker are pipelined.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from rayx import wire
+from rayx.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
+from rayx.protocol import rayx_pb2 as pb
+from rayx.task_spec import TaskSpec
+
+
+@dataclass(slots=True)
+class Lease:
+    lease_id: str
+    worker_id: str
+    node_address: str
+    conn: wire.Connection | None
+    gpu_ids: list
+    inflight: dict = field(default_factory=dict)
+    idle_since: float = 0.0
+
+
+@dataclass(slots=True)
+class ShapeQueue:
+    """Tasks of one scheduling key and the leases that serve them."""
+
+    resources: dict
+    strategy: str
+    affinity: str
+    queue: deque = field(default_factory=deque)
+    leases: list = field(default_factory=list)
+    requesting: bool = False
+    retry_scheduled: bool = False
+    saturated: bool = False
+    backoff: float = 0.002
+
+
+def shape_key(spec: TaskSpec) -> tuple:
+    return (tuple(sorted(spec.resources.items())), spec.strategy, spec.node_affinity)
+
+
+class TaskSubmitter:
+    """Owns the leases of one core client and pushes its normal tasks through them."""
+
+    def __init__(self, core):
+        self.core = core
+        self.shapes: dict[tuple, ShapeQueue] = {}
+        self.cancelled: set[str] = set()
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def submit(self, spec: TaskSpec) -> None:
+        key = shape_key(spec)
+        with self.lock:
+            sq = self.shapes.get(key)
+            if sq is None:
+                sq = self.shapes[key] = ShapeQueue(spec.resources, spec.strategy,
+                                                   spec.node_affinity)
+            if spec.task_id in self.cancelled:
+                self.cancelled.discard(spec.task_id)
+                cancelled = True
+            else:
+                sq.queue.append(spec)
+                cancelled = False
+                self._pump(key, sq)
+        if cancelled:
+            self.core.fail_task(spec, TaskCancelledError(f"task {spec.name} was cancelled"))
+
+    def _pump(self, key: tuple, sq: ShapeQueue) -> None:
+        """Push queued tasks to leases with room; ask for a lease if work is left. Lock held."""
+        cap = self.core.settings.max_tasks_in_flight_per_worker if sq.saturated else 1
+        while sq.queue and sq.leases:
+            lease = min(sq.leases, key=lambda le: len(le.inflight))
+            if len(lease.inflight) >= cap:
+                break
+            spec = sq.queue.popleft()
+            spec.gpu_ids = lease.gpu_ids
+            lease.inflight[spec.task_id] = spec
+            try:
+                lease.conn.send(("task", spec))
+            except ConnectionError:
+                break  # the close callback requeues what this lease held
+        if sq.queue and not sq.requesting and not sq.retry_scheduled and not self.closed:
+            self._request_lease(key, sq, self.core.node_address)
+        now = time.monotonic()
+        for lease in sq.leases:
+            if not lease.inflight and not lease.idle_since:
+                lease.idle_since = now
+                self.core.timers.call_later(self.core.settings.lease_idle_timeout,
+                                            lambda k=key, le=lease: self._maybe_return(k, le))
+            elif lease.inflight:
+                lease.idle_since = 0.0
+
+    def _request_lease(self, key: tuple, sq: ShapeQueue, address: str, spilled=False) -> None:
+        sq.requesting = True
+        req = pb.LeaseRequest(resources=pb.ResourceMap(amounts=sq.resources),
+                              owner_id=self.core.client_id, strategy=sq.strategy,
+                              node_affinity=sq.affinity, spilled=spilled)
+        try:
+            fut = self.core.node_stub(address).RequestLease.future(req, timeout=60)
+        except Exception as exc:  # channel already closed: we are shutting down
+            sq.requesting = False
+            self._fail_queue(key, sq, WorkerCrashedError(f"cannot reach the node: {exc}"))
+            return
+        fut.add_done_callback(lambda f: self._on_lease_reply(key, sq, address, f))
+
+    def _on_lease_reply(self, key: tuple, sq: ShapeQueue, address: str, fut) -> None:
+        try:
+            reply = fut.result()
+        except Exception as exc:
+            with self.lock:
+                sq.requesting = False
+            if not self.closed:
+                self._fail_queue(key, sq, WorkerCrashedError(
+                    f"the node manager at {address} did not answer a lease request: {exc}"))
+            return
+        if reply.status == "GRANTED":
+            self._granted(key, sq, address, reply)
+        elif reply.status == "SPILLBACK":
+            with self.lock:
+                self._request_lease(key, sq, reply.spillback_address, spilled=True)
+        elif reply.status == "INFEASIBLE":
+            with self.lock:
+                sq.requesting = False
+            self._fail_queue(key, sq, TaskUnschedulableError(reply.error))
+        else:  # RETRY: the node is busy; pipeline on the leases we hold and ask again later
+            with self.lock:
+                sq.requesting = False
+                sq.saturated = True
+                sq.retry_scheduled = True
+                delay, sq.backoff = sq.backoff, min(sq.backoff * 2, 0.1)
+                self._pump(key, sq)
+            self.core.timers.call_later(delay, lambda: self._retry(key, sq))
+
+    def _retry(self, key: tuple, sq: ShapeQueue) -> None:
+        with self.lock:
+            sq.retry_scheduled = False
+            self._pump(key, sq)
+
+    def _granted(self, key: tuple, sq: ShapeQueue, address: str, reply) -> None:
+        lease = Lease(reply.lease_id, reply.worker_id, address, None, list(reply.gpu_ids))
+        try:
+            lease.conn = wire.connect(reply.worker_address, self._on_worker_msg,
+                                      lambda c: self._on_worker_lost(key, sq, lease))
+        except OSError:
+            self._return(lease, dead=True)
+            with self.lock:
+                sq.requesting = False
+                self._pump(key, sq)
+            return
+        lease.conn.peer = lease
+        with self.lock:
+            sq.requesting = False
+            sq.backoff = 0.002
+            if self.closed:
+                lease.conn.close()
+                return
+            sq.leases.append(lease)
+            self._pump(key, sq)
+
+    def _on_worker_msg(self, conn: wire.Connection, msg) -> None:
+        if msg[0] != "done":
+            return
+        lease: Lease = conn.peer
+        with self.lock:
+            spec = lease.inflight.pop(msg[1], None)
+        if spec is None:
+            return
+        descs = msg[2]
+        if descs[0][0] == "e" and self._retry_on_error(spec, descs[0]):
+            self.submit(spec)
+        else:
+            self.core.finish_task(spec, descs)
+        with self.lock:
+            for key, sq in self.shapes.items():
+                if lease in sq.leases:
+                    self._pump(key, sq)
+                    break
+
+    def _retry_on_error(self, spec: TaskSpec, desc: tuple) -> bool:
+        if not spec.retry_exceptions or spec.attempt >= spec.max_retries:
+            return False
+        if spec.task_id in self.cancelled:
+            return False
+        if isinstance(spec.retry_exceptions, tuple):
+            from rayx import serialization
+            err = serialization.deserialize(desc[1])[0]
+            cause = getattr(err, "cause", err)
+            if not isinstance(cause, spec.retry_exceptions):
+                return False
+        spec.attempt += 1
+        return True
+
+    def _on_worker_lost(self, key: tuple, sq: ShapeQueue, lease: Lease) -> None:
+        with self.lock:
+            if lease in sq.leases:
+                sq.leases.remove(lease)
+            lost = list(lease.inflight.values())
+            lease.inflight.clear()
+        if self.closed:
+            return
+        self._return(lease, dead=True)
+        for spec in lost:
+            if spec.task_id in self.cancelled:
+                self.cancelled.discard(spec.task_id)
+                self.core.fail_task(spec, TaskCancelledError(f"task {spec.name} was cancelled"))
+            elif spec.attempt < spec.max_retries:
+                spec.attempt += 1
+                self.submit(spec)
+            else:
+                self.core.fail_task(spec, WorkerCrashedError(
+                    f"the worker running task {spec.name} died (worker {lease.worker_id}); "
+                    f"it was tried {spec.attempt + 1} time(s) (max_retries={spec.max_retries}). "
+                    "It was likely killed or ran out of memory; raise max_retries= or memory="))
+        with self.lock:
+            self._pump(key, sq)
+
+    def _maybe_return(self, key: tuple, lease: Lease) -> None:
+        with self.lock:
+            sq = self.shapes.get(key)
+            if (sq is None or lease not in sq.leases or lease.inflight or not lease.idle_since
+                    or sq.queue):
+                return
+            if time.monotonic() - lease.idle_since < self.core.settings.lease_idle_timeout * 0.9:
+                return
+            sq.leases.remove(lease)
+        lease.conn.on_close = None
+        lease.conn.close()
+        self._return(lease)
+
+    def _return(self, lease: Lease, dead: bool = False) -> None:
+        try:
+            self.core.node_stub(lease.node_address).ReturnLease.future(
+                pb.ReturnLeaseRequest(lease_id=lease.lease_id, worker_dead=dead))
+        except Exception:
+            pass
+
+    def _fail_queue(self, key: tuple, sq: ShapeQueue, error: Exception) -> None:
+        with self.lock:
+            specs = list(sq.queue)
+            sq.queue.clear()
+        for spec in specs:
+            self.core.fail_task(spec, error)
+
+    def cancel(self, spec: TaskSpec, force: bool) -> None:
+        """Drop a queued task, or ask its worker to interrupt it (force: kill the worker)."""
+        with self.lock:
+            sq = self.shapes.get(shape_key(spec))
+            if sq is not None and spec in sq.queue:
+                sq.queue.remove(spec)
+                queued = True
+            else:
+                queued = False
+                self.cancelled.add(spec.task_id)
+                holder = next((le for s in self.shapes.values() for le in s.leases
+                               if spec.task_id in le.inflight), None)
+        if queued:
+            self.core.fail_task(spec, TaskCancelledError(f"task {spec.name} was cancelled"))
+            return
+        if holder is None:
+            return  # still resolving its arguments: submit() will see it in `cancelled`
+        if force:
+            self.core.node_stub(holder.node_address).KillWorker(
+                pb.KillWorkerRequest(worker_id=holder.worker_id))
+        else:
+            try:
+                holder.conn.send(("cancel", spec.task_id))
+            except ConnectionError:
+                pass
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            leases = [le for sq in self.shapes.values() for le in sq.leases]
+            for sq in self.shapes.values():
+                sq.leases.clear()
+        for lease in leases:
+            lease.conn.on_close = None
+            lease.conn.close()
+            self._return(lease)

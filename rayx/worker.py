@@ -1,0 +1,307 @@
+"""A worker process: runs tasks pushed by owners, or hosts exactly one actor.
+
+    fork server --fork--> main() --register--> node manager (framed socket: liveness, commands)
+    owners --("task"|"actor_call"|"cancel"|"get_object")--> listener --> task queue
+    main thread: take from queue -> resolve args -> run -> store results -> ("done", ...) to owner
+
+Actors with max_concurrency > 1 run calls on a thread pool; actors with `async def` methods run
+them on one event loop thread. When the node manager's connection closes, the worker exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+from rayx import api, serialization, wire
+from rayx.config import load_settings
+from rayx.core import CoreClient
+from rayx.exceptions import RayxTaskError, TaskCancelledError
+from rayx.protocol import rayx_pb2 as pb
+from rayx.task_spec import ActorCreation, TaskSpec
+
+
+class Worker:
+    """State of one worker process; `run()` is its main loop."""
+
+    def __init__(self, worker_id: str, config: dict):
+        self.worker_id = worker_id
+        self.config = config
+        self.settings = load_settings()
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.functions: dict[str, object] = {}
+        self.cancelled: set[str] = set()
+        self.current: TaskSpec | None = None
+        self.in_user_code = False
+        self.actor = None
+        self.actor_id = ""
+        self.actor_pool: ThreadPoolExecutor | None = None
+        self.actor_loop: asyncio.AbstractEventLoop | None = None
+        self.cpus_for_lease = 0.0
+        self.blocked_depth = 0
+        sock = os.path.join(config["session_dir"], "sockets", f"w-{worker_id}.sock")
+        self.listener = wire.Listener(f"unix:{sock}", self._on_message).start()
+        self.core = CoreClient(node_address=config["node_address"],
+                               head_address=config["head_address"], token=config["token"],
+                               session_dir=config["session_dir"], settings=self.settings,
+                               client_id=worker_id, is_driver=False, listener=self.listener)
+        self.core.blocked_hook = self._blocked
+        api.set_worker_core(self.core, self)
+        self.nm = wire.connect(f"unix:{config['nm_socket']}", self._on_nm_message,
+                               lambda c: os._exit(0))
+        signal.signal(signal.SIGUSR1, self._on_cancel_signal)
+        self.nm.send(("register", worker_id, os.getpid(), self.listener.address))
+
+    # ------------------------------------------------------------------ messages
+
+    def _on_message(self, conn: wire.Connection, msg) -> None:
+        kind = msg[0]
+        if kind == "task":
+            self.tasks.put((conn, msg[1]))
+        elif kind == "actor_call":
+            self._on_actor_call(conn, msg[1])
+        elif kind == "cancel":
+            self._cancel(msg[1])
+        else:
+            self.core.handle_request(conn, msg)
+
+    def _on_nm_message(self, conn: wire.Connection, msg) -> None:
+        if msg[0] == "create_actor":
+            self.tasks.put((conn, msg))
+        elif msg[0] == "exit":
+            os._exit(0)
+
+    def _on_actor_call(self, conn, spec: TaskSpec) -> None:
+        if self.actor_loop is not None:
+            asyncio.run_coroutine_threadsafe(self._run_async_call(conn, spec), self.actor_loop)
+        elif self.actor_pool is not None:
+            self.actor_pool.submit(self._execute, conn, spec)
+        else:
+            self.tasks.put((conn, spec))
+
+    def _cancel(self, task_id: str) -> None:
+        self.cancelled.add(task_id)
+        cur = self.current
+        if cur is not None and cur.task_id == task_id and self.in_user_code:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def _on_cancel_signal(self, signum, frame) -> None:
+        cur = self.current
+        if cur is not None and cur.task_id in self.cancelled and self.in_user_code:
+            raise TaskCancelledError(f"task {cur.name} was cancelled")
+
+    # ------------------------------------------------------------------ execution
+
+    def run(self) -> None:
+        while True:
+            conn, item = self.tasks.get()
+            if isinstance(item, tuple):
+                self._create_actor(conn, item)
+            else:
+                self._execute(conn, item)
+
+    def _execute(self, conn: wire.Connection, spec: TaskSpec) -> None:
+        if spec.task_id in self.cancelled:
+            self.cancelled.discard(spec.task_id)
+            descs = _error_descs(spec, TaskCancelledError(f"task {spec.name} was cancelled"))
+        else:
+            descs = self._run(spec)
+        try:
+            conn.send(("done", spec.task_id, descs))
+        except ConnectionError:
+            pass  # the owner is gone; its objects go with it
+
+    def _run(self, spec: TaskSpec) -> list:
+        threaded = self.actor_pool is not None
+        if not threaded:
+            self._set_env(spec)
+            self.current = spec
+        try:
+            fn = self._callable(spec)
+            args, kwargs = self._resolve(spec)
+            self.in_user_code = not threaded
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                self.in_user_code = False
+            return self._store_results(spec, result)
+        except TaskCancelledError as exc:
+            return _error_descs(spec, exc)
+        except Exception as exc:
+            return _error_descs(spec, _task_error(spec, exc))
+        finally:
+            self.current = None
+            self.cancelled.discard(spec.task_id)
+
+    def _callable(self, spec: TaskSpec):
+        if spec.actor_id:
+            if self.actor is None:
+                raise RuntimeError(f"this worker hosts no actor {spec.actor_id}")
+            return getattr(self.actor, spec.method)
+        fn = self.functions.get(spec.fn_id)
+        if fn is None:
+            fn = self.functions[spec.fn_id] = serialization.loads(spec.fn_bytes)
+        return fn
+
+    def _resolve(self, spec: TaskSpec):
+        args = [self._arg(a) for a in spec.args]
+        kwargs = {k: self._arg(a) for k, a in spec.kwargs.items()}
+        return args, kwargs
+
+    def _arg(self, a):
+        if a[0] == "v":
+            return serialization.deserialize(a[1])[0]
+        return self.core.materialize(a[1], a[3])
+
+    def _store_results(self, spec: TaskSpec, result) -> list:
+        n = len(spec.return_ids)
+        if n == 1:
+            values = [result]
+        else:
+            values = list(result) if isinstance(result, (tuple, list)) else None
+            if values is None or len(values) != n:
+                raise ValueError(f"task {spec.name} declared num_returns={n} but returned "
+                                 f"{type(result).__name__} of length "
+                                 f"{len(values) if values is not None else 'n/a'}")
+        descs = []
+        for rid, value in zip(spec.return_ids, values):
+            with serialization.collect_refs() as nested:
+                so = serialization.serialize(value)
+            self.core.table.mark_escaped(r.id for r in nested)
+            descs.append(self.core.store_serialized(rid, so, owner_id=spec.owner_id))
+        return descs
+
+    def _set_env(self, spec: TaskSpec) -> None:
+        env = os.environ
+        if self.config.get("num_gpus", 0) > 0 or spec.gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_ids)
+        cpus = spec.resources.get("CPU", 0.0)
+        threads = str(max(1, int(cpus)))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = threads
+        self.cpus_for_lease = cpus
+
+    def _blocked(self, blocked: bool) -> None:
+        """Tell the node this worker waits in get(), so its CPU can run the tasks it waits on."""
+        if self.actor_pool is not None or self.actor_loop is not None:
+            return
+        self.blocked_depth += 1 if blocked else -1
+        if (blocked and self.blocked_depth == 1) or (not blocked and self.blocked_depth == 0):
+            try:
+                self.core.node.SetBlocked(pb.BlockedRequest(worker_id=self.worker_id,
+                                                            blocked=blocked))
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ actors
+
+    def _create_actor(self, conn: wire.Connection, msg) -> None:
+        _, creation_bytes, gpu_ids, resources = msg
+        creation: ActorCreation = serialization.loads(creation_bytes)
+        spec = TaskSpec(creation.actor_id, creation.class_name, creation.args, creation.kwargs,
+                        [], "", "", resources=resources, gpu_ids=gpu_ids)
+        self._set_env(spec)
+        error = None
+        try:
+            cls = serialization.loads(creation.cls_bytes)
+            args, kwargs = self._resolve(spec)
+            self.actor = cls(*args, **kwargs)
+            self.actor_id = creation.actor_id
+        except Exception as exc:
+            err = _task_error(spec, exc)
+            error = _error_descs(spec, err, 1)[0][1]
+        if error is None:
+            if creation.is_async:
+                self._start_loop(creation.max_concurrency)
+            elif creation.max_concurrency > 1:
+                self.actor_pool = ThreadPoolExecutor(creation.max_concurrency,
+                                                     thread_name_prefix="rayx-actor")
+        conn.send(("actor_created", creation.actor_id, error))
+
+    def _start_loop(self, max_concurrency: int) -> None:
+        loop = asyncio.new_event_loop()
+        self._semaphore_limit = max_concurrency
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(loop)
+            self._semaphore = asyncio.Semaphore(max_concurrency)
+            ready.set()
+            loop.run_forever()
+
+        threading.Thread(target=run, name="rayx-actor-loop", daemon=True).start()
+        ready.wait()
+        self.actor_loop = loop
+
+    async def _run_async_call(self, conn, spec: TaskSpec) -> None:
+        async with self._semaphore:
+            try:
+                method = getattr(self.actor, spec.method)
+                args, kwargs = await asyncio.to_thread(self._resolve, spec)
+                result = method(*args, **kwargs)
+                if asyncio.iscoroutine(result):
+                    result = await result
+                descs = self._store_results(spec, result)
+            except Exception as exc:
+                descs = _error_descs(spec, _task_error(spec, exc))
+        try:
+            conn.send(("done", spec.task_id, descs))
+        except ConnectionError:
+            pass
+
+
+def _task_error(spec: TaskSpec, exc: BaseException) -> RayxTaskError:
+    tb = traceback.format_exc()
+    return RayxTaskError(spec.name, tb, exc)
+
+
+def _error_descs(spec: TaskSpec, err: BaseException, n: int | None = None) -> list:
+    try:
+        data = serialization.serialize(err, error=True).to_bytes()
+    except Exception:  # the exception itself cannot be pickled: keep its text
+        text = f"{type(getattr(err, 'cause', err)).__name__}: {err}"
+        data = serialization.serialize(RayxTaskError(spec.name, text, None),
+                                       error=True).to_bytes()
+    return [("e", data)] * (n if n is not None else max(1, len(spec.return_ids)))
+
+
+class _PrefixWriter:
+    """A text stream that prefixes each line with the worker's pid, as Ray does."""
+
+    def __init__(self, stream, prefix: str):
+        self._stream, self._prefix, self._at_start = stream, prefix, True
+        self._lock = threading.Lock()
+
+    def write(self, s: str) -> int:
+        if not s:
+            return 0
+        with self._lock:
+            out = []
+            for line in s.splitlines(keepends=True):
+                if self._at_start:
+                    out.append(self._prefix)
+                out.append(line)
+                self._at_start = line.endswith("\n")
+            self._stream.write("".join(out))
+            self._stream.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def main(worker_id: str, config: dict) -> None:
+    """Entry point of a forked worker."""
+    prefix = f"(pid={os.getpid()}, node={config['node_id'][:8]}) "
+    sys.stdout = _PrefixWriter(sys.__stdout__, prefix)
+    sys.stderr = _PrefixWriter(sys.__stderr__, prefix)
+    Worker(worker_id, config).run()

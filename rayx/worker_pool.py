@@ -1,0 +1,148 @@
+"""The node's workers: started through the fork server, registered, leased, watched.
+
+    node manager --worker id--> fork server --fork--> worker --("register")--> nm socket
+    worker connection closes --> on_death(record): the node releases what it held
+
+A worker record's `state` is one of: starting, idle, leased, actor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from rayx import ids, wire
+from rayx.scheduler import Allocation
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRecord:
+    worker_id: str
+    state: str = "starting"
+    pid: int = 0
+    address: str = ""
+    conn: wire.Connection | None = None
+    alloc: Allocation | None = None
+    lease_id: str = ""
+    lent_cpus: float = 0.0
+    actor_id: str = ""
+    ready: threading.Event = field(default_factory=threading.Event)
+    reply: object = None  # the worker's answer to a create_actor
+
+
+class WorkerPool:
+    """Starts workers from the fork server and tracks them by id."""
+
+    def __init__(self, session_dir: str, worker_config: dict, on_death, stdout=None):
+        self.session_dir = session_dir
+        self.on_death = on_death
+        self.workers: dict[str, WorkerRecord] = {}
+        self.idle: list[WorkerRecord] = []
+        self.lock = threading.Lock()
+        sock = os.path.join(session_dir, "sockets", f"nm-{worker_config['node_id'][:12]}.sock")
+        self.listener = wire.Listener(f"unix:{sock}", self._on_message, self._on_closed).start()
+        worker_config = dict(worker_config, nm_socket=sock)
+        self.fork_server = subprocess.Popen(
+            [sys.executable, "-m", "rayx.fork_server", json.dumps(worker_config)],
+            stdin=subprocess.PIPE, stdout=stdout, stderr=stdout, start_new_session=False)
+        self._stopped = False
+
+    def start_worker(self) -> WorkerRecord:
+        rec = WorkerRecord(ids.new_id())
+        with self.lock:
+            self.workers[rec.worker_id] = rec
+        try:
+            self.fork_server.stdin.write(rec.worker_id.encode() + b"\n")
+            self.fork_server.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            rec.ready.set()
+        return rec
+
+    def _on_message(self, conn: wire.Connection, msg) -> None:
+        kind = msg[0]
+        if kind == "register":
+            _, worker_id, pid, address = msg
+            with self.lock:
+                rec = self.workers.get(worker_id)
+                if rec is None:
+                    conn.close()
+                    return
+                rec.pid, rec.address, rec.conn = pid, address, conn
+                conn.peer = rec
+                if rec.state == "starting":
+                    rec.state = "idle"
+            rec.ready.set()
+        elif kind == "actor_created":
+            rec = conn.peer
+            rec.reply = msg[2]
+            rec.ready.set()
+
+    def _on_closed(self, conn: wire.Connection) -> None:
+        rec = conn.peer
+        if rec is None:
+            return
+        with self.lock:
+            self.workers.pop(rec.worker_id, None)
+            if rec in self.idle:
+                self.idle.remove(rec)
+        rec.state = "dead"
+        rec.ready.set()
+        if not self._stopped:
+            self.on_death(rec)
+
+    def take_idle(self) -> WorkerRecord | None:
+        with self.lock:
+            while self.idle:
+                rec = self.idle.pop()
+                if rec.state == "idle":
+                    return rec
+        return None
+
+    def put_idle(self, rec: WorkerRecord) -> None:
+        with self.lock:
+            if rec.state != "dead" and rec.worker_id in self.workers:
+                rec.state = "idle"
+                self.idle.append(rec)
+
+    def get(self, worker_id: str) -> WorkerRecord | None:
+        return self.workers.get(worker_id)
+
+    def kill(self, rec: WorkerRecord) -> None:
+        if rec.pid:
+            try:
+                os.kill(rec.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        """Kill every worker and the fork server; wait until they are gone."""
+        self._stopped = True
+        with self.lock:
+            recs = list(self.workers.values())
+        for rec in recs:
+            self.kill(rec)
+        for rec in recs:  # while the fork server lives, it reaps them: no zombies left
+            _wait_gone(rec.pid)
+        try:
+            self.fork_server.stdin.close()
+        except OSError:
+            pass
+        self.fork_server.kill()
+        self.fork_server.wait(5)
+        self.listener.stop()
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
