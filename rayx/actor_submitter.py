@@ -70,7 +70,9 @@ class ActorSubmitter:
         ac.resolving = True
         req = pb.GetActorRequest(actor_id=ac.actor_id, wait_alive=True, timeout=3600)
         fut = self.core.head.GetActor.future(req)
-        fut.add_done_callback(lambda f: self._on_resolved(ac, f))
+        # a future that is already done runs its callback right here, under our lock: defer
+        fut.add_done_callback(lambda f: self.core.timers.call_later(
+            0, lambda: self._on_resolved(ac, f)))
 
     def _on_resolved(self, ac: ActorConn, fut) -> None:
         try:

@@ -32,7 +32,7 @@ class RayxTaskError(RayxError):
         self.function_name = function_name
         self.traceback_str = traceback_str
         self.cause = cause
-        super().__init__(self._message())
+        Exception.__init__(self, self._message())  # not super(): the cause type may be next
 
     def _message(self) -> str:
         return f"{type(self.cause).__name__ if self.cause is not None else 'Error'} in task " \

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from rayx.exceptions import InvalidOptionError
+
 EPS = 1e-9
 
 
@@ -30,19 +32,19 @@ def validate_resources(resources: dict[str, float], what: str = "resources") -> 
     """Check a resource request: names are strings, amounts non-negative numbers; GPUs whole
     numbers when more than one. Returns the request without zero entries."""
     if not isinstance(resources, dict):
-        raise TypeError(f"{what} must be a dict of name -> amount, got {type(resources).__name__}")
+        raise InvalidOptionError(f"{what} must be a dict of name -> amount, got {type(resources).__name__}")
     out = {}
     for name, amount in resources.items():
         if not isinstance(name, str):
-            raise TypeError(f"{what}: resource names must be strings, got {name!r}")
+            raise InvalidOptionError(f"{what}: resource names must be strings, got {name!r}")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)):
-            raise TypeError(f"{what}: amount of {name!r} must be a number, "
+            raise InvalidOptionError(f"{what}: amount of {name!r} must be a number, "
                             f"got {type(amount).__name__}")
         if amount < 0 or math.isnan(amount) or math.isinf(amount):
-            raise ValueError(f"{what}: amount of {name!r} must be a finite number >= 0, "
+            raise InvalidOptionError(f"{what}: amount of {name!r} must be a finite number >= 0, "
                              f"got {amount}")
         if name == "GPU" and amount > 1 and amount != int(amount):
-            raise ValueError(f"{what}: more than one GPU must be a whole number, got {amount}")
+            raise InvalidOptionError(f"{what}: more than one GPU must be a whole number, got {amount}")
         if amount > 0:
             out[name] = float(amount)
     return out

@@ -117,7 +117,9 @@ class TaskSubmitter:
             sq.requesting = False
             self._fail_queue(key, sq, WorkerCrashedError(f"cannot reach the node: {exc}"))
             return
-        fut.add_done_callback(lambda f: self._on_lease_reply(key, sq, address, f))
+        # a future that is already done runs its callback right here, under our lock: defer
+        fut.add_done_callback(lambda f: self.core.timers.call_later(
+            0, lambda: self._on_lease_reply(key, sq, address, f)))
 
     def _on_lease_reply(self, key: tuple, sq: ShapeQueue, address: str, fut) -> None:
         try:

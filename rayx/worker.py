@@ -120,7 +120,8 @@ class Worker:
     def _run(self, spec: TaskSpec) -> list:
         threaded = self.actor_pool is not None
         if not threaded:
-            self._set_env(spec)
+            if not spec.actor_id:  # an actor keeps the environment it was created with
+                self._set_env(spec)
             self.current = spec
         try:
             fn = self._callable(spec)

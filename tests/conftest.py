@@ -1,0 +1,84 @@
+"""Shared fixtures: real clusters, started and stopped around the tests that use them.
+
+Every test session ends by checking that no rayx process and no shared-memory segment of rayx
+outlived the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+import rayx
+
+SHM = "/dev/shm"
+
+
+def rayx_processes() -> list[psutil.Process]:
+    """Node, fork-server and worker processes of rayx on this machine (ours or strays)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "pid"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "rayx.node_main" in cmd or "rayx.fork_server" in cmd:
+            found.append(p)
+    return found
+
+
+def rayx_segments() -> list[str]:
+    return [n for n in os.listdir(SHM) if n.startswith("rayx-")]
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = ""):
+    """Poll `condition` until it returns a truthy value; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaks():
+    """Fail the run if rayx processes or shared-memory segments outlive the tests."""
+    before = {p.pid for p in rayx_processes()}
+    shm_before = set(rayx_segments())
+    yield
+    if rayx.is_initialized():
+        rayx.shutdown()
+    wait_for(lambda: not [p for p in rayx_processes() if p.pid not in before], 15,
+             what="rayx processes to exit after the test session")
+    wait_for(lambda: not set(rayx_segments()) - shm_before, 15,
+             what="rayx shared-memory segments to be removed")
+
+
+@pytest.fixture(scope="module")
+def rayx_cluster():
+    """A local cluster of 2 CPUs and 4 virtual GPUs for the tests of one module."""
+    if rayx.is_initialized():
+        rayx.shutdown()
+    info = rayx.init(num_cpus=2, num_gpus=4, resources={"custom": 2.0},
+                     object_store_memory=256 * 1024 * 1024)
+    yield info
+    rayx.shutdown()
+
+
+@pytest.fixture
+def fresh_cluster():
+    """Factory for a cluster with test-specific settings; shut down after the test."""
+    started = []
+
+    def start(**kwargs):
+        if rayx.is_initialized():
+            rayx.shutdown()
+        info = rayx.init(**kwargs)
+        started.append(info)
+        return info
+
+    yield start
+    rayx.shutdown()
