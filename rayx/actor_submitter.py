@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from rayx import wire
+from rayx import rpc, wire
 from rayx.exceptions import ActorDiedError, TaskCancelledError
 from rayx.protocol import rayx_pb2 as pb
 from rayx.task_spec import TaskSpec
@@ -69,10 +69,9 @@ class ActorSubmitter:
             return
         ac.resolving = True
         req = pb.GetActorRequest(actor_id=ac.actor_id, wait_alive=True, timeout=3600)
-        fut = self.core.head.GetActor.future(req)
-        # a future that is already done runs its callback right here, under our lock: defer
-        fut.add_done_callback(lambda f: self.core.timers.call_later(
-            0, lambda: self._on_resolved(ac, f)))
+        # a call that is already done runs its callback right here, under our lock: defer
+        rpc.call_async(self.core.head.GetActor, req, callback=lambda f: self.core.timers
+                       .call_later(0, lambda: self._on_resolved(ac, f)))
 
     def _on_resolved(self, ac: ActorConn, fut) -> None:
         try:

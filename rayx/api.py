@@ -12,7 +12,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from rayx import cluster, serialization
+from rayx import cluster, rpc, serialization
 from rayx.config import Settings, load_settings
 from rayx.core import CoreClient
 from rayx.exceptions import InvalidOptionError, RayxError
@@ -191,7 +191,7 @@ def kill(actor, *, no_restart: bool = True) -> None:
 def kill_quietly(actor_id: str) -> None:
     c = _core
     if c is not None and not c.closed:
-        c.head.KillActor.future(pb.KillActorRequest(actor_id=actor_id, no_restart=True))
+        rpc.call_async(c.head.KillActor, pb.KillActorRequest(actor_id=actor_id, no_restart=True))
 
 
 def lookup_actor(name: str):

@@ -115,7 +115,8 @@ class CoreClient:
                 by_node.setdefault(desc[2], []).append(oid)
         for address, oids in by_node.items():
             try:
-                self.node_stub(address).FreeObjects.future(pb.ObjectIds(object_ids=oids))
+                rpc.call_async(self.node_stub(address).FreeObjects,
+                               pb.ObjectIds(object_ids=oids))
             except Exception:
                 pass
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 
 import grpc
@@ -89,3 +90,24 @@ def head_stub(ch: grpc.Channel) -> rayx_pb2_grpc.HeadStub:
 
 def node_stub(ch: grpc.Channel) -> rayx_pb2_grpc.NodeManagerStub:
     return rayx_pb2_grpc.NodeManagerStub(ch)
+
+
+_in_flight: set = set()
+_in_flight_lock = threading.Lock()
+
+
+def call_async(method, request, timeout: float | None = None, callback=None):
+    """Start a call without waiting for it. gRPC cancels a call whose future is garbage
+    collected, so the future is kept here until it completes."""
+    fut = method.future(request, timeout=timeout)
+    with _in_flight_lock:
+        _in_flight.add(fut)
+
+    def done(f):
+        with _in_flight_lock:
+            _in_flight.discard(f)
+        if callback is not None:
+            callback(f)
+
+    fut.add_done_callback(done)
+    return fut

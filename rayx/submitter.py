@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from rayx import wire
+from rayx import rpc, wire
 from rayx.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
 from rayx.protocol import rayx_pb2 as pb
 from rayx.task_spec import TaskSpec
@@ -112,14 +112,13 @@ class TaskSubmitter:
                               owner_id=self.core.client_id, strategy=sq.strategy,
                               node_affinity=sq.affinity, spilled=spilled)
         try:
-            fut = self.core.node_stub(address).RequestLease.future(req, timeout=60)
+            # a call that is already done runs its callback right here, under our lock: defer
+            rpc.call_async(self.core.node_stub(address).RequestLease, req, timeout=60,
+                           callback=lambda f: self.core.timers.call_later(
+                               0, lambda: self._on_lease_reply(key, sq, address, f)))
         except Exception as exc:  # channel already closed: we are shutting down
             sq.requesting = False
             self._fail_queue(key, sq, WorkerCrashedError(f"cannot reach the node: {exc}"))
-            return
-        # a future that is already done runs its callback right here, under our lock: defer
-        fut.add_done_callback(lambda f: self.core.timers.call_later(
-            0, lambda: self._on_lease_reply(key, sq, address, f)))
 
     def _on_lease_reply(self, key: tuple, sq: ShapeQueue, address: str, fut) -> None:
         try:
@@ -247,8 +246,8 @@ class TaskSubmitter:
 
     def _return(self, lease: Lease, dead: bool = False) -> None:
         try:
-            self.core.node_stub(lease.node_address).ReturnLease.future(
-                pb.ReturnLeaseRequest(lease_id=lease.lease_id, worker_dead=dead))
+            rpc.call_async(self.core.node_stub(lease.node_address).ReturnLease,
+                           pb.ReturnLeaseRequest(lease_id=lease.lease_id, worker_dead=dead))
         except Exception:
             pass
 
