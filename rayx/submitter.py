@@ -140,6 +140,7 @@ class TaskSubmitter:
                 sq.requesting = False
             self._fail_queue(key, sq, TaskUnschedulableError(reply.error))
         else:  # RETRY: the node is busy; pipeline on the leases we hold and ask again later
+            self._return_idle_leases(but=key)
             with self.lock:
                 sq.requesting = False
                 sq.saturated = True
@@ -243,6 +244,21 @@ class TaskSubmitter:
         lease.conn.on_close = None
         lease.conn.close()
         self._return(lease)
+
+    def _return_idle_leases(self, but: tuple) -> None:
+        """Hand back idle leases of other shapes at once: they may hold what `but` waits for."""
+        idle = []
+        with self.lock:
+            for key, sq in self.shapes.items():
+                if key == but or sq.queue:
+                    continue
+                for lease in [le for le in sq.leases if not le.inflight]:
+                    sq.leases.remove(lease)
+                    idle.append(lease)
+        for lease in idle:
+            lease.conn.on_close = None
+            lease.conn.close()
+            self._return(lease)
 
     def _return(self, lease: Lease, dead: bool = False) -> None:
         try:

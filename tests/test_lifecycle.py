@@ -1,0 +1,141 @@
+"""Cluster lifecycle: start, shutdown, driver death, worker output, token, fork server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import psutil
+import pytest
+
+import rayx
+from rayx.protocol import rayx_pb2 as pb
+from rayx.protocol import rayx_pb2_grpc
+
+from .conftest import rayx_processes, rayx_segments, wait_for
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _session_processes(session_dir: str) -> list[psutil.Process]:
+    return [p for p in rayx_processes() if session_dir in " ".join(p.cmdline())]
+
+
+def _run_driver(code: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def test_shutdown_leaves_no_process_or_segment(fresh_cluster):
+    import numpy as np
+
+    info = fresh_cluster(num_cpus=2)
+
+    @rayx.remote
+    class A:
+        def ping(self):
+            return "pong"
+
+    a = A.remote()
+    ref = rayx.put(np.zeros(1_000_000))
+    assert rayx.get(a.ping.remote()) == "pong"
+    procs = _session_processes(info.session_dir)
+    assert len(procs) >= 3  # node, fork server, workers
+    store = rayx.nodes()[0]["StoreDir"]
+    assert os.listdir(store)
+    del ref
+    rayx.shutdown()
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                             for p in procs), 10, what="cluster processes to exit")
+    assert not os.path.exists(store)
+
+
+def test_workers_are_forked_from_the_template_process(fresh_cluster):
+    fresh_cluster(num_cpus=1)
+
+    @rayx.remote
+    def parent_cmdline():
+        return " ".join(psutil.Process(os.getppid()).cmdline())
+
+    assert "rayx.fork_server" in rayx.get(parent_cmdline.remote())
+
+
+def test_driver_killed_with_sigkill_takes_the_cluster_down():
+    driver = _run_driver("""
+        import numpy as np, rayx, time
+        info = rayx.init(num_cpus=2)
+        @rayx.remote
+        class A:
+            def ping(self): return 1
+        a = A.remote(); rayx.get(a.ping.remote())
+        ref = rayx.put(np.zeros(2_000_000))
+        print("SESSION", info.session_dir, rayx.nodes()[0]["StoreDir"], flush=True)
+        time.sleep(120)
+    """)
+    try:
+        line = ""
+        while not line.startswith("SESSION"):
+            line = driver.stdout.readline()
+            assert line, "the driver exited early"
+        _, session_dir, store = line.split()
+        assert _session_processes(session_dir) and os.path.exists(store)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(10)
+        wait_for(lambda: not _session_processes(session_dir), 15,
+                 what="the orphaned cluster to exit")
+        wait_for(lambda: not os.path.exists(store), 10, what="the store to be removed")
+        assert not [s for s in rayx_segments() if os.path.basename(store) == s]
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+def test_worker_output_reaches_the_driver_with_a_pid_prefix():
+    driver = _run_driver("""
+        import rayx
+        rayx.init(num_cpus=1)
+        @rayx.remote
+        def speak():
+            import os, sys
+            print("hello from a task")
+            print("to stderr", file=sys.stderr)
+            return os.getpid()
+        print("WORKER", rayx.get(speak.remote()))
+        rayx.shutdown()
+    """)
+    out, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 0, out
+    pid = next(line.split()[1] for line in out.splitlines() if line.startswith("WORKER"))
+    assert f"(pid={pid}" in out
+    assert any(line.startswith(f"(pid={pid}") and line.endswith("hello from a task")
+               for line in out.splitlines()), out
+    assert any(line.endswith("to stderr") and "(pid=" in line for line in out.splitlines())
+
+
+def test_token_file_is_private_and_calls_without_it_are_refused(fresh_cluster):
+    info = fresh_cluster(num_cpus=1)
+    mode = stat.S_IMODE(os.stat(os.path.join(info.session_dir, "token")).st_mode)
+    assert mode == 0o600
+    with grpc.insecure_channel(info.address) as ch:
+        stub = rayx_pb2_grpc.NodeManagerStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetResources(pb.Empty(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        bad = (("rayx-token", "wrong"),)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetResources(pb.Empty(), timeout=5, metadata=bad)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert info.address.startswith("127.0.0.1:")
+
+
+def test_init_twice_is_an_error_unless_asked(fresh_cluster):
+    fresh_cluster(num_cpus=1)
+    with pytest.raises(RuntimeError):
+        rayx.init()
+    rayx.init(ignore_reinit_error=True)

@@ -1,0 +1,129 @@
+"""Resources and scheduling: CPUs, GPU ids, custom resources, lending CPUs while blocked."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import rayx
+from rayx.scheduler import ResourcePool
+
+from .conftest import wait_for
+
+
+@rayx.remote
+def env(name):
+    return os.environ.get(name)
+
+
+@rayx.remote
+def gpu_ids():
+    return rayx.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_cluster_resources_and_nodes(rayx_cluster):
+    total = rayx.cluster_resources()
+    assert total["CPU"] == 2 and total["GPU"] == 4 and total["custom"] == 2
+    nodes = rayx.nodes()
+    assert len(nodes) == 1 and nodes[0]["Alive"] and nodes[0]["Resources"]["CPU"] == 2
+    wait_for(lambda: rayx.available_resources()["CPU"] == 2, 10, what="idle CPUs")
+
+
+def test_task_sees_its_gpu_ids(rayx_cluster):
+    ids, visible = rayx.get(gpu_ids.options(num_gpus=2).remote())
+    assert len(ids) == 2 and visible == ",".join(map(str, ids))
+    ids, visible = rayx.get(gpu_ids.remote())
+    assert ids == [] and visible == ""
+
+
+def test_concurrent_gpu_tasks_get_disjoint_ids(rayx_cluster):
+    @rayx.remote(num_gpus=1, num_cpus=0)
+    def hold(seconds):
+        time.sleep(seconds)
+        return rayx.get_gpu_ids()
+
+    wait_for(lambda: rayx.available_resources()["GPU"] == 4, 10, what="idle GPUs")
+    got = rayx.get([hold.remote(0.5) for _ in range(4)])
+    flat = [i for ids in got for i in ids]
+    assert sorted(flat) == [0, 1, 2, 3]
+
+
+def test_fractional_gpus_share_one_device(rayx_cluster):
+    @rayx.remote(num_gpus=0.5, num_cpus=0)
+    def half(seconds):
+        time.sleep(seconds)
+        return rayx.get_gpu_ids()
+
+    got = rayx.get([half.remote(0.5) for _ in range(2)])
+    assert all(len(ids) == 1 for ids in got)
+
+
+def test_omp_threads_follow_cpu_allocation(rayx_cluster):
+    assert rayx.get(env.remote("OMP_NUM_THREADS")) == "1"
+    assert rayx.get(env.options(num_cpus=2).remote("OMP_NUM_THREADS")) == "2"
+
+
+def test_task_waits_until_resources_fit(rayx_cluster):
+    @rayx.remote(num_cpus=2)
+    def span(seconds):
+        start = time.monotonic()
+        time.sleep(seconds)
+        return start, time.monotonic()
+
+    (s1, e1), (s2, e2) = rayx.get([span.remote(0.3), span.remote(0.3)], timeout=30)
+    assert s2 >= e1 - 0.05 or s1 >= e2 - 0.05  # never both at once on 2 CPUs
+
+
+def test_custom_resources_limit_concurrency(rayx_cluster):
+    @rayx.remote(resources={"custom": 2}, num_cpus=0)
+    def exclusive(seconds):
+        start = time.monotonic()
+        time.sleep(seconds)
+        return start, time.monotonic()
+
+    spans = sorted(rayx.get([exclusive.remote(0.2) for _ in range(3)], timeout=30))
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end - 0.05
+
+
+def test_blocked_worker_lends_its_cpu(rayx_cluster):
+    """Two tasks each wait on two children: 2 CPUs would deadlock without lending."""
+
+    @rayx.remote
+    def child(i):
+        return i
+
+    @rayx.remote
+    def parent():
+        return sum(rayx.get([child.remote(i) for i in range(2)]))
+
+    assert rayx.get([parent.remote() for _ in range(4)], timeout=60) == [1, 1, 1, 1]
+
+
+def test_resource_pool_accounting():
+    pool = ResourcePool({"CPU": 2.0, "GPU": 2.0, "x": 1.0}, num_gpus=2)
+    a = pool.acquire({"CPU": 1.0, "GPU": 0.5})
+    b = pool.acquire({"CPU": 1.0, "GPU": 0.5})
+    assert a.gpu_ids == b.gpu_ids  # fractions pack onto one GPU
+    assert pool.acquire({"CPU": 0.5}) is None
+    assert pool.fits_total({"GPU": 2.0}) and not pool.fits_total({"GPU": 3.0})
+    whole = pool.acquire({"GPU": 1.0})
+    assert whole.gpu_ids != a.gpu_ids
+    lent = pool.lend_cpu(a)
+    assert pool.available["CPU"] == 1.0
+    pool.reclaim_cpu(lent)
+    for alloc in (a, b, whole):
+        pool.release(alloc)
+    assert pool.available == pool.total and pool.gpu_free == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("kwargs", [{"num_cpus": -1}, {"num_gpus": 1.5}, {"resources": {"x": "1"}},
+                                    {"object_store_memory": -5}])
+def test_bad_init_arguments(kwargs):
+    if rayx.is_initialized():
+        rayx.shutdown()
+    with pytest.raises(rayx.exceptions.InvalidOptionError):
+        rayx.init(**kwargs)
+    assert not rayx.is_initialized()
