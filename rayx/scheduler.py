@@ -32,7 +32,8 @@ def validate_resources(resources: dict[str, float], what: str = "resources") -> 
     """Check a resource request: names are strings, amounts non-negative numbers; GPUs whole
     numbers when more than one. Returns the request without zero entries."""
     if not isinstance(resources, dict):
-        raise InvalidOptionError(f"{what} must be a dict of name -> amount, got {type(resources).__name__}")
+        raise InvalidOptionError(f"{what} must be a dict of name -> amount, "
+                                 f"got {type(resources).__name__}")
     out = {}
     for name, amount in resources.items():
         if not isinstance(name, str):
@@ -44,7 +45,8 @@ def validate_resources(resources: dict[str, float], what: str = "resources") -> 
             raise InvalidOptionError(f"{what}: amount of {name!r} must be a finite number >= 0, "
                              f"got {amount}")
         if name == "GPU" and amount > 1 and amount != int(amount):
-            raise InvalidOptionError(f"{what}: more than one GPU must be a whole number, got {amount}")
+            raise InvalidOptionError(f"{what}: more than one GPU must be a whole number, "
+                                     f"got {amount}")
         if amount > 0:
             out[name] = float(amount)
     return out

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import threading
-import time
 
 import pytest
 
@@ -199,7 +198,7 @@ def test_direct_calls_raise_type_error(rayx_cluster):
     with pytest.raises(TypeError):
         c.add(1)
     with pytest.raises(AttributeError):
-        c.no_such_method
+        getattr(c, "no_such_method")  # noqa: B009
 
 
 def _alive(pid: int) -> bool:
