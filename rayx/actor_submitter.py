@@ -82,7 +82,8 @@ class ActorSubmitter:
         conn = None
         if state == "ALIVE":
             try:
-                conn = wire.connect(address, self._on_msg, lambda c: self._on_lost(ac, c))
+                conn = wire.connect(address, self.core.token, self._on_msg,
+                                    lambda c: self._on_lost(ac, c))
                 conn.peer = ac
             except OSError:
                 conn = None  # it died in between: ask again

@@ -35,6 +35,8 @@ class Settings:
     # seconds a process waits for the cluster's processes to come up
     start_timeout: float = 30.0
     log_to_driver: bool = True
+    # this host's address in a cluster that spans hosts ("" on one machine: Unix sockets)
+    node_ip: str = ""
 
 
 def _coerce(kind: str, raw: str):

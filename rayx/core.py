@@ -60,8 +60,8 @@ class CoreClient:
         self.timers = Timers().start()
         self._owned_listener = listener is None
         if listener is None:
-            path = os.path.join(session_dir, "sockets", f"c-{self.client_id}.sock")
-            listener = wire.Listener(f"unix:{path}", self.handle_request).start()
+            listener = wire.Listener(listen_address(session_dir, self.client_id, settings),
+                                     token, self.handle_request).start()
         self.listener = listener
         self.address = listener.address
         self._owner_conns: dict[str, wire.Connection] = {}
@@ -164,7 +164,7 @@ class CoreClient:
             conn = self._owner_conns.get(address)
             if conn is not None and not conn.closed:
                 return conn
-        conn = wire.connect(address, self._on_owner_reply, self._on_owner_closed)
+        conn = wire.connect(address, self.token, self._on_owner_reply, self._on_owner_closed)
         conn.peer = address
         with self._lock:
             self._owner_conns[address] = conn
@@ -404,6 +404,14 @@ class CoreClient:
         if self.head_channel is not self.channel:
             self.head_channel.close()
         self.channel.close()
+
+
+def listen_address(session_dir: str, name: str, settings: Settings) -> str:
+    """Where a driver or worker listens: a Unix socket on one machine, TCP on the node's IP
+    when the cluster spans hosts (settings.node_ip set)."""
+    if settings.node_ip:
+        return f"tcp:{settings.node_ip}:0"
+    return f"unix:{os.path.join(session_dir, 'sockets', f'{name}.sock')}"
 
 
 def _send_quietly(conn: wire.Connection, msg) -> None:

@@ -157,7 +157,8 @@ class TaskSubmitter:
     def _granted(self, key: tuple, sq: ShapeQueue, address: str, reply) -> None:
         lease = Lease(reply.lease_id, reply.worker_id, address, None, list(reply.gpu_ids))
         try:
-            lease.conn = wire.connect(reply.worker_address, self._on_worker_msg,
+            lease.conn = wire.connect(reply.worker_address, self.core.token,
+                                      self._on_worker_msg,
                                       lambda c: self._on_worker_lost(key, sq, lease))
         except OSError:
             self._return(lease, dead=True)

@@ -10,6 +10,7 @@ socket round trip costs a fraction of a Python gRPC unary call (docs/performance
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -17,6 +18,7 @@ import struct
 import threading
 from collections.abc import Callable
 
+log = logging.getLogger(__name__)
 _LEN = struct.Struct("<I")
 _BIG = 0xFFFFFFFF
 _BIGLEN = struct.Struct("<Q")
@@ -37,8 +39,9 @@ class Connection:
     """One framed, bidirectional socket with a reader thread."""
 
     def __init__(self, sock: socket.socket, handler: Callable, on_close: Callable | None = None,
-                 name: str = "rayx-conn"):
+                 name: str = "rayx-conn", expect_token: str | None = None):
         self.sock = sock
+        self.expect_token = expect_token  # accepted connections must say ("hello", token) first
         self.handler = handler
         self.on_close = on_close
         self.closed = False
@@ -81,7 +84,14 @@ class Connection:
                 data = f.read(n)
                 if len(data) < n:
                     break
-                self.handler(self, pickle.loads(data))
+                msg = pickle.loads(data)
+                if self.expect_token is not None:
+                    if msg != ("hello", self.expect_token):
+                        log.warning("refused a connection: missing or wrong cluster token")
+                        break
+                    self.expect_token = None
+                    continue
+                self.handler(self, msg)
         except (OSError, ValueError, EOFError):
             pass
         finally:
@@ -107,9 +117,9 @@ class Connection:
             self._reader.join(timeout)
 
 
-def connect(address: str, handler: Callable, on_close: Callable | None = None,
+def connect(address: str, token: str, handler: Callable, on_close: Callable | None = None,
             timeout: float = 10.0) -> Connection:
-    """Open a connection to a Listener at `address` and start its reader thread."""
+    """Open a connection to a Listener at `address`, present the token, start the reader."""
     family, sockaddr = parse_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -117,14 +127,17 @@ def connect(address: str, handler: Callable, on_close: Callable | None = None,
     sock.settimeout(None)
     if family == socket.AF_INET:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return Connection(sock, handler, on_close, name=f"rayx-conn-{address}").start()
+    conn = Connection(sock, handler, on_close, name=f"rayx-conn-{address}")
+    conn.send(("hello", token))
+    return conn.start()
 
 
 class Listener:
     """Accepts connections on a socket; each gets its own Connection and reader thread."""
 
-    def __init__(self, address: str, handler: Callable, on_close: Callable | None = None,
-                 on_accept: Callable | None = None):
+    def __init__(self, address: str, token: str, handler: Callable,
+                 on_close: Callable | None = None, on_accept: Callable | None = None):
+        self.token = token
         family, sockaddr = parse_address(address)
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         if family == socket.AF_UNIX:
@@ -163,7 +176,7 @@ class Listener:
                 if self._stopped:
                     sock.close()
                     return
-                conn = Connection(sock, self.handler, self._closed)
+                conn = Connection(sock, self.handler, self._closed, expect_token=self.token)
                 self.connections.add(conn)
             if self.on_accept is not None:
                 self.on_accept(conn)

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from rayx import api, serialization, wire
 from rayx.config import load_settings
-from rayx.core import CoreClient
+from rayx.core import CoreClient, listen_address
 from rayx.exceptions import RayxTaskError, TaskCancelledError
 from rayx.protocol import rayx_pb2 as pb
 from rayx.task_spec import ActorCreation, TaskSpec
@@ -45,15 +45,17 @@ class Worker:
         self.actor_loop: asyncio.AbstractEventLoop | None = None
         self.cpus_for_lease = 0.0
         self.blocked_depth = 0
-        sock = os.path.join(config["session_dir"], "sockets", f"w-{worker_id}.sock")
-        self.listener = wire.Listener(f"unix:{sock}", self._on_message).start()
+        self.listener = wire.Listener(
+            listen_address(config["session_dir"], f"w-{worker_id}", self.settings),
+            config["token"], self._on_message).start()
         self.core = CoreClient(node_address=config["node_address"],
                                head_address=config["head_address"], token=config["token"],
                                session_dir=config["session_dir"], settings=self.settings,
                                client_id=worker_id, is_driver=False, listener=self.listener)
         self.core.blocked_hook = self._blocked
         api.set_worker_core(self.core, self)
-        self.nm = wire.connect(f"unix:{config['nm_socket']}", self._on_nm_message,
+        self.nm = wire.connect(f"unix:{config['nm_socket']}", config["token"],
+                               self._on_nm_message,
                                lambda c: os._exit(0))
         signal.signal(signal.SIGUSR1, self._on_cancel_signal)
         self.nm.send(("register", worker_id, os.getpid(), self.listener.address))

@@ -45,7 +45,8 @@ class WorkerPool:
         self.idle: list[WorkerRecord] = []
         self.lock = threading.Lock()
         sock = os.path.join(session_dir, "sockets", f"nm-{worker_config['node_id'][:12]}.sock")
-        self.listener = wire.Listener(f"unix:{sock}", self._on_message, self._on_closed).start()
+        self.listener = wire.Listener(f"unix:{sock}", worker_config["token"], self._on_message,
+                                      self._on_closed).start()
         worker_config = dict(worker_config, nm_socket=sock)
         self.fork_server = subprocess.Popen(
             [sys.executable, "-m", "rayx.fork_server", json.dumps(worker_config)],
