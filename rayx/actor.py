@@ -80,7 +80,8 @@ class ActorClass:
             actor_id=actor_id, name=name, detached=options.get("lifetime") == "detached",
             max_restarts=options.get("max_restarts") or 0,
             resources=pb.ResourceMap(amounts=resources), owner_id=core.client_id,
-            handle_meta=serialization.dumps(meta), node_affinity=affinity)
+            handle_meta=serialization.dumps(meta), node_affinity=affinity,
+            affinity_soft=strategy != "AFFINITY")
         core.table.mark_escaped(d.id for d in deps)  # restarts replay the arguments
 
         def send(_spec=None):

@@ -24,6 +24,7 @@ _lock = threading.RLock()
 _core: CoreClient | None = None
 _node: cluster.NodeProcess | None = None
 _worker = None  # the Worker object, in worker processes
+_private_dir: str | None = None  # a connected driver's socket directory
 
 
 @dataclass(slots=True)
@@ -38,20 +39,23 @@ class ClusterInfo:
 def init(address: str | None = None, *, num_cpus: float | None = None,
          num_gpus: int | None = None, resources: dict | None = None,
          object_store_memory: int | None = None, ignore_reinit_error: bool = False,
-         _settings: Settings | None = None, **settings) -> ClusterInfo:
-    """Start a local cluster (no address) or connect to one; returns where it is."""
-    global _core, _node
+         token: str | None = None, _settings: Settings | None = None,
+         **settings) -> ClusterInfo:
+    """Start a local cluster (no address) or connect to one ("HOST:PORT" or "auto")."""
+    global _core, _node, _private_dir
     with _lock:
         if _core is not None:
             if _worker is not None or ignore_reinit_error:
                 return _info()
             raise RuntimeError("rayx.init() was already called; call rayx.shutdown() first, "
                                "or pass ignore_reinit_error=True")
+        _check_settings(settings)
         conf = _settings or load_settings(**settings)
         if address is None and os.environ.get("RAYX_ADDRESS"):
             address = os.environ["RAYX_ADDRESS"]
         if address is not None:
-            _core = _connect(address, conf)
+            from rayx.connect import connect_driver
+            _core, _private_dir = connect_driver(address, conf, token)
         else:
             _core, _node = _start_local(conf, num_cpus, num_gpus, resources,
                                         object_store_memory)
@@ -74,9 +78,12 @@ def _start_local(conf: Settings, num_cpus, num_gpus, resources, object_store_mem
     return core, node
 
 
-def _connect(address: str, conf: Settings) -> CoreClient:
-    from rayx import connect
-    return connect.connect_driver(address, conf)
+def _check_settings(settings: dict) -> None:
+    known = set(Settings.__slots__)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise InvalidOptionError(f"unknown argument(s) {unknown} for rayx.init(); besides its "
+                                 f"named arguments it takes the settings {sorted(known)}")
 
 
 def _check_init_args(num_cpus, num_gpus, resources, object_store_memory) -> None:
@@ -99,16 +106,19 @@ def _info() -> ClusterInfo:
 
 def shutdown() -> None:
     """Disconnect, and stop the local cluster if this process started it."""
-    global _core, _node
+    global _core, _node, _private_dir
     with _lock:
         if _worker is not None:
             return
-        core, node = _core, _node
-        _core = _node = None
+        core, node, private = _core, _node, _private_dir
+        _core = _node = _private_dir = None
     if core is not None:
         core.close()
     if node is not None:
         cluster.stop_node(node)
+    if private is not None:
+        import shutil
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def is_initialized() -> bool:

@@ -204,7 +204,32 @@ class CoreClient:
     def get(self, refs: list[ObjectRef], timeout: float | None) -> list:
         """Values of `refs`, in order; raises the first task error met."""
         descs = self._wait_descs(refs, timeout)
-        return [self.materialize(r.id, d) for r, d in zip(refs, descs)]
+        return [self._value(r, d, timeout) for r, d in zip(refs, descs)]
+
+    def _value(self, ref: ObjectRef, desc: tuple, timeout: float | None):
+        try:
+            return self.materialize(ref.id, desc)
+        except ObjectLostError:
+            if not self._reconstruct(ref.id):
+                raise
+        return self.materialize(ref.id, self._wait_descs([ref], timeout)[0])
+
+    def _reconstruct(self, oid: str) -> bool:
+        """Re-run the task that made a lost object (its lineage); False if there is none."""
+        entry = self.table.get(oid)
+        if entry is None or not entry.owned or entry.lineage is None:
+            return False
+        spec = entry.lineage
+        if spec.actor_id or spec.attempt >= spec.max_retries:
+            return False
+        spec.attempt += 1
+        for rid in spec.return_ids:
+            self.table.reset(rid)
+        deps = [a[1] for a in spec.args if a[0] == "r"] + [
+            a[1] for a in spec.kwargs.values() if a[0] == "r"]
+        self.table.pin(deps)
+        self.submitter.submit(spec)
+        return True
 
     def _wait_descs(self, refs: list[ObjectRef], timeout: float | None) -> list[tuple]:
         n = len(refs)

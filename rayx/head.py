@@ -221,7 +221,8 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
         need = dict(spec.resources.amounts)
         nodes = self.alive_nodes()
         if spec.node_affinity:
-            nodes = [n for n in nodes if n.node_id == spec.node_affinity]
+            pinned = [n for n in nodes if n.node_id == spec.node_affinity]
+            nodes = pinned if pinned or not spec.affinity_soft else nodes
         fitting = [n for n in nodes if all(n.total.amounts.get(k, 0) + 1e-9 >= v
                                            for k, v in need.items())]
         if not fitting:

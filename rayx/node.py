@@ -50,6 +50,10 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         self.stopped = threading.Event()
         self.head = rpc.head_stub(rpc.channel(head_address, token))
         self._peers: dict[str, object] = {}
+        self._nodes_cache: list[pb.NodeInfo] = []
+        self._nodes_at = 0.0
+        self.demand: dict[str, float] = {}  # resources of lease requests refused since the
+        # last heartbeat: what `rayx status` shows as pending demand
         self.workers = WorkerPool(session_dir, {
             "session_dir": session_dir, "node_id": node_id, "node_address": address,
             "head_address": head_address, "token": token, "num_gpus": num_gpus,
@@ -91,7 +95,9 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
     def RequestLease(self, request, context):
         need = dict(request.resources.amounts)
         if request.node_affinity and request.node_affinity != self.node_id:
-            return self._redirect(need, request, only=request.node_affinity)
+            hard = request.strategy == "AFFINITY"
+            if hard or any(n.node_id == request.node_affinity for n in self._nodes()):
+                return self._redirect(need, request, only=request.node_affinity)
         if not self.pool.fits_total(need):
             return self._redirect(need, request)
         if request.strategy == "SPREAD" and not request.spilled:
@@ -105,6 +111,9 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
                 target = self._spill_target(need, available=True)
                 if target is not None:
                     return pb.LeaseReply(status="SPILLBACK", spillback_address=target.address)
+            with self.lock:
+                for k, v in need.items():
+                    self.demand[k] = self.demand.get(k, 0.0) + v
             return pb.LeaseReply(status="RETRY")
         rec = self.workers.take_idle() or self._new_worker()
         if rec is None:
@@ -136,10 +145,16 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
             f"(node totals: {totals}); lower its resource request or add a node that has them"))
 
     def _nodes(self) -> list[pb.NodeInfo]:
-        try:
-            return [n for n in self.head.GetNodes(pb.Empty(), timeout=5).nodes if n.alive]
-        except Exception:
-            return [self._info()]
+        """Live nodes as the head last heard of them (cached for 0.2 s)."""
+        now = time.monotonic()
+        if now - self._nodes_at > 0.2:
+            try:
+                self._nodes_cache = [n for n in self.head.GetNodes(pb.Empty(), timeout=5).nodes
+                                     if n.alive]
+            except Exception:
+                self._nodes_cache = [self._info()]
+            self._nodes_at = now
+        return self._nodes_cache
 
     def _spill_target(self, need: dict, available: bool, only: str = "") -> pb.NodeInfo | None:
         for n in self._nodes():
@@ -357,9 +372,12 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
             if time.monotonic() - last_beat >= self.settings.heartbeat_interval:
                 last_beat = time.monotonic()
                 info = self._info()
+                with self.lock:
+                    demand, self.demand = self.demand, {}
                 try:
                     self.head.Heartbeat(pb.HeartbeatRequest(
-                        node_id=self.node_id, available=info.available), timeout=5)
+                        node_id=self.node_id, available=info.available,
+                        pending_demand=pb.ResourceMap(amounts=demand)), timeout=5)
                 except Exception as exc:
                     log.warning("heartbeat to the head failed: %s", exc)
 

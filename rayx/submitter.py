@@ -124,12 +124,15 @@ class TaskSubmitter:
         try:
             reply = fut.result()
         except Exception as exc:
-            with self.lock:
-                sq.requesting = False
-            if not self.closed:
-                self._fail_queue(key, sq, WorkerCrashedError(
-                    f"the node manager at {address} did not answer a lease request: {exc}"))
-            return
+            if address != self.core.node_address:  # a remote node died: ask our own again
+                reply = pb.LeaseReply(status="RETRY")
+            else:
+                with self.lock:
+                    sq.requesting = False
+                if not self.closed:
+                    self._fail_queue(key, sq, WorkerCrashedError(
+                        f"the node manager at {address} did not answer a lease request: {exc}"))
+                return
         if reply.status == "GRANTED":
             self._granted(key, sq, address, reply)
         elif reply.status == "SPILLBACK":
