@@ -74,7 +74,7 @@ def cmd_start(args) -> int:
         session = cluster.new_session(settings)
         head_address = ""
     else:
-        head_address = args.address
+        head_address = connect.resolve_address(args.address, settings)
         session = cluster.new_session(settings, connect.find_token(head_address, settings,
                                                                    args.token))
     node = cluster.start_node(session, settings, head=args.head, head_address=head_address,

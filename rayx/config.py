@@ -39,6 +39,18 @@ class Settings:
     node_ip: str = ""
 
 
+def socket_path(session_dir: str, name: str) -> str:
+    """Where a Unix socket of the session lives. AF_UNIX paths are limited to 107 bytes, so a
+    long session path falls back to a short directory named after it (created 0700)."""
+    path = os.path.join(session_dir, "sockets", name)
+    if len(path) <= 100:
+        return path
+    import hashlib
+    short = f"/tmp/rayx-s-{hashlib.sha1(session_dir.encode()).hexdigest()[:12]}"
+    os.makedirs(short, mode=0o700, exist_ok=True)
+    return os.path.join(short, name)
+
+
 def _coerce(kind: str, raw: str):
     if "bool" in kind:
         return raw.strip().lower() in ("1", "true", "yes", "on")

@@ -17,7 +17,7 @@ import time
 
 from rayx import ids, rpc, serialization, wire
 from rayx.actor_submitter import ActorSubmitter
-from rayx.config import Settings
+from rayx.config import Settings, socket_path
 from rayx.exceptions import (
     GetTimeoutError,
     ObjectLostError,
@@ -436,7 +436,7 @@ def listen_address(session_dir: str, name: str, settings: Settings) -> str:
     when the cluster spans hosts (settings.node_ip set)."""
     if settings.node_ip:
         return f"tcp:{settings.node_ip}:0"
-    return f"unix:{os.path.join(session_dir, 'sockets', f'{name}.sock')}"
+    return f"unix:{socket_path(session_dir, name + '.sock')}"
 
 
 def _send_quietly(conn: wire.Connection, msg) -> None:

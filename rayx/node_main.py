@@ -15,7 +15,7 @@ import sys
 
 from rayx import rpc
 from rayx.cluster import ready_path
-from rayx.config import load_settings
+from rayx.config import load_settings, socket_path
 from rayx.head import HeadService
 from rayx.node import NodeManager
 from rayx.object_store import ObjectStore
@@ -38,10 +38,16 @@ def run(config: dict) -> None:
         store_dir=os.path.join(settings.shm_dir, f"rayx-{config['session_name']}-{node_id[:12]}"),
         spill_dir=os.path.join(session_dir, f"spill-{node_id[:12]}"),
         capacity=int(config["object_store_memory"]))
-    node = NodeManager(node_id=node_id, address=address, head_address=head_address, token=token,
-                       session_dir=session_dir, resources=config["resources"],
-                       num_gpus=int(config.get("num_gpus", 0)), store=store, settings=settings,
-                       driver_pid=int(config.get("driver_pid", 0)))
+    try:
+        node = NodeManager(node_id=node_id, address=address, head_address=head_address,
+                           token=token, session_dir=session_dir, resources=config["resources"],
+                           num_gpus=int(config.get("num_gpus", 0)), store=store,
+                           settings=settings, driver_pid=int(config.get("driver_pid", 0)))
+    except BaseException:
+        store.destroy()
+        if head is not None:
+            head.stop()
+        raise
     rayx_pb2_grpc.add_NodeManagerServicer_to_server(node, server)
     server.start()
     if head is not None:
@@ -60,6 +66,14 @@ def run(config: dict) -> None:
             head.stop()
         server.stop(0.5).wait(2)
         _remove_ready(session_dir, node_id)
+        _remove_short_socket_dir(session_dir)
+
+
+def _remove_short_socket_dir(session_dir: str) -> None:
+    short = os.path.dirname(socket_path(session_dir, "x"))
+    if not short.startswith(session_dir):
+        import shutil
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def _read_tls(config: dict):

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 
 from rayx import ids, wire
+from rayx.config import socket_path
 from rayx.scheduler import Allocation
 
 
@@ -44,7 +45,7 @@ class WorkerPool:
         self.workers: dict[str, WorkerRecord] = {}
         self.idle: list[WorkerRecord] = []
         self.lock = threading.Lock()
-        sock = os.path.join(session_dir, "sockets", f"nm-{worker_config['node_id'][:12]}.sock")
+        sock = socket_path(session_dir, f"nm-{worker_config['node_id'][:12]}.sock")
         self.listener = wire.Listener(f"unix:{sock}", worker_config["token"], self._on_message,
                                       self._on_closed).start()
         worker_config = dict(worker_config, nm_socket=sock)

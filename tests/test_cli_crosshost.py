@@ -1,0 +1,166 @@
+"""The command line, and a cluster across two hosts made of network namespaces.
+
+The cross-host test creates two namespaces joined by a veth pair (10.213.7.1 and 10.213.7.2),
+starts the head in one and a node in the other with `rayx start`, runs a driver that moves tasks
+and objects across, then stops everything and removes the namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from .conftest import rayx_processes, wait_for
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NS_A, NS_B = "rayxtestA", "rayxtestB"
+IP_A, IP_B = "10.213.7.1", "10.213.7.2"
+
+
+def _env(tmp_path, **extra) -> dict:
+    return dict(os.environ, PYTHONPATH=REPO, RAYX_TEMP_DIR=str(tmp_path), PYTHONUNBUFFERED="1",
+                **extra)
+
+
+def _rayx(args, env, ns=None, timeout=60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "rayx.cli", *args]
+    if ns:
+        cmd = ["ip", "netns", "exec", ns, *cmd]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_on_every_command(tmp_path):
+    for args in (["--help"], ["start", "--help"], ["stop", "--help"], ["status", "--help"],
+                 ["submit", "--help"]):
+        out = _rayx(args, _env(tmp_path))
+        assert out.returncode == 0 and "usage: rayx" in out.stdout
+
+
+def test_start_status_submit_stop_on_this_host(tmp_path):
+    env = _env(tmp_path)
+    started = _rayx(["start", "--head", "--port", "0", "--num-cpus", "1",
+                     "--resources", '{"tag": 1}'], env)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "Connect a driver" in started.stdout
+        bad = _rayx(["start", "--address", "nowhere", "--num-cpus", "1"], env)
+        assert bad.returncode == 1 and "HOST:PORT" in bad.stderr
+        joined = _rayx(["start", "--address", "auto", "--num-cpus", "1"], env)
+        assert joined.returncode == 0, joined.stderr
+        status = _rayx(["status"], env)
+        assert status.returncode == 0 and "2 alive" in status.stdout, status.stdout
+        script = tmp_path / "driver.py"
+        script.write_text(textwrap.dedent("""
+            import sys, rayx
+            rayx.init(address="auto")
+            @rayx.remote
+            def double(x):
+                return 2 * x
+            print("RESULT", rayx.get(double.remote(int(sys.argv[1]))),
+                  rayx.cluster_resources()["CPU"])
+        """))
+        out = _rayx(["submit", str(script), "--", "21"], env)
+        assert out.returncode == 0, out.stderr
+        assert "RESULT 42 2.0" in out.stdout
+    finally:
+        stopped = _rayx(["stop"], env)
+    assert "stopped 2" in stopped.stdout
+    wait_for(lambda: not [p for p in rayx_processes()
+                          if str(tmp_path) in " ".join(p.cmdline())], 15,
+             what="rayx stop to end every node")
+
+
+def test_start_block_stays_in_the_foreground_until_stop(tmp_path):
+    env = _env(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "rayx.cli", "start", "--head", "--port", "0",
+                             "--num-cpus", "1", "--block"], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert "started at" in proc.stdout.readline()
+        assert proc.poll() is None
+        assert _rayx(["stop"], env).returncode == 0
+        proc.wait(30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+
+
+def _netns_available() -> str | None:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return "needs root and the ip command"
+    probe = subprocess.run(["ip", "netns", "add", "rayxprobe"], capture_output=True)
+    if probe.returncode != 0:
+        return f"cannot create network namespaces: {probe.stderr.decode().strip()}"
+    subprocess.run(["ip", "netns", "del", "rayxprobe"], capture_output=True)
+    return None
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(list(cmd), check=True, capture_output=True)
+
+
+@pytest.fixture
+def two_hosts():
+    reason = _netns_available()
+    if reason:
+        pytest.skip(reason)
+    for ns in (NS_A, NS_B):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    try:
+        _sh("ip", "netns", "add", NS_A)
+        _sh("ip", "netns", "add", NS_B)
+        _sh("ip", "link", "add", "rxva", "type", "veth", "peer", "name", "rxvb")
+        _sh("ip", "link", "set", "rxva", "netns", NS_A)
+        _sh("ip", "link", "set", "rxvb", "netns", NS_B)
+        for ns, dev, ip in ((NS_A, "rxva", IP_A), (NS_B, "rxvb", IP_B)):
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield
+    finally:
+        for ns in (NS_A, NS_B):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.timeout(180)
+def test_cluster_across_two_network_namespaces(two_hosts, tmp_path):
+    env = _env(tmp_path)
+    head = _rayx(["start", "--head", "--node-ip-address", IP_A, "--port", "6390",
+                  "--num-cpus", "1"], env, ns=NS_A)
+    try:
+        assert head.returncode == 0, head.stderr
+        token = (tmp_path / next(d for d in os.listdir(tmp_path) if d.startswith("session_"))
+                 / "token").read_text()
+        node = _rayx(["start", "--address", f"{IP_A}:6390", "--node-ip-address", IP_B,
+                      "--num-cpus", "1", "--resources", '{"host_b": 1}'],
+                     dict(env, RAYX_TOKEN=token), ns=NS_B)
+        assert node.returncode == 0, node.stderr
+        driver = textwrap.dedent(f"""
+            import numpy as np, rayx
+            rayx.init(address="{IP_A}:6390", token="{token}")
+            @rayx.remote(resources={{"host_b": 1}})
+            def on_b(arr):
+                import socket
+                return float(arr.sum()), rayx.get_runtime_context().get_node_id()
+            @rayx.remote(resources={{"host_b": 1}})
+            def make_on_b():
+                return np.full(1_000_000, 2.0)
+            here = rayx.put(np.ones(1_000_000))
+            total, node = rayx.get(on_b.remote(here), timeout=60)
+            back = rayx.get(make_on_b.remote(), timeout=60)
+            addrs = sorted(n["Address"].split(":")[0] for n in rayx.nodes())
+            print("CROSS", total, float(back.sum()), addrs)
+        """)
+        out = subprocess.run(["ip", "netns", "exec", NS_A, sys.executable, "-c", driver],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"CROSS 1000000.0 2000000.0 ['{IP_A}', '{IP_B}']" in out.stdout
+    finally:
+        _rayx(["stop"], env)
+    wait_for(lambda: not [p for p in rayx_processes() if str(tmp_path) in " ".join(p.cmdline())],
+             15, what="both nodes to stop")
