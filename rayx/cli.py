@@ -62,14 +62,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_start(args) -> int:
     settings = load_settings(node_ip="" if args.node_ip_address == "127.0.0.1"
-                             else args.node_ip_address)
+                             else args.node_ip_address,
+                             **{k: os.path.abspath(getattr(args, k))
+                                for k in ("tls_cert", "tls_key", "tls_ca") if getattr(args, k)})
     try:
         resources = json.loads(args.resources)
     except ValueError as exc:
         raise RayxError(f"--resources must be JSON like '{{\"x\": 2}}': {exc}") from exc
     table, gpus = cluster.node_resources(args.num_cpus, args.num_gpus, resources)
     store = args.object_store_memory or cluster.default_store_memory(settings)
-    tls = {k: getattr(args, k) for k in ("tls_cert", "tls_key", "tls_ca") if getattr(args, k)}
     if args.head:
         session = cluster.new_session(settings)
         head_address = ""
@@ -80,7 +81,7 @@ def cmd_start(args) -> int:
     node = cluster.start_node(session, settings, head=args.head, head_address=head_address,
                               resources=table, num_gpus=gpus, object_store_memory=store,
                               host=args.node_ip_address, port=args.port if args.head else 0,
-                              log_to_file=True, extra=tls)
+                              log_to_file=True)
     cluster_address = node.address if args.head else head_address
     connect.write_current_cluster(settings, cluster_address, session.dir)
     with open(os.path.join(_registry_dir(settings), f"{node.process.pid}.json"), "w") as f:
@@ -152,7 +153,7 @@ def cmd_status(args) -> int:
     settings = load_settings()
     address = connect.resolve_address(args.address, settings)
     token = connect.find_token(address, settings)
-    head = rpc.head_stub(rpc.channel(address, token))
+    head = rpc.head_stub(rpc.channel(address, token, rpc.client_tls(settings)))
     nodes = head.GetNodes(pb.Empty(), timeout=10).nodes
     print(f"cluster {address}: {sum(n.alive for n in nodes)} alive, "
           f"{sum(not n.alive for n in nodes)} dead")

@@ -37,6 +37,10 @@ class Settings:
     log_to_driver: bool = True
     # this host's address in a cluster that spans hosts ("" on one machine: Unix sockets)
     node_ip: str = ""
+    # TLS for every gRPC call: PEM files (certificate and key of this process, CA to trust)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
 
 def socket_path(session_dir: str, name: str) -> str:

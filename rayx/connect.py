@@ -88,7 +88,7 @@ def connect_driver(address: str, settings: Settings, token: str | None = None
     my_ip = local_ip_towards(host)
     if host not in ("127.0.0.1", "localhost"):
         settings.node_ip = my_ip
-    head = rpc.head_stub(rpc.channel(address, token))
+    head = rpc.head_stub(rpc.channel(address, token, rpc.client_tls(settings)))
     try:
         nodes = [n for n in head.GetNodes(pb.Empty(), timeout=settings.start_timeout).nodes
                  if n.alive]

@@ -48,10 +48,11 @@ class CoreClient:
         self.session_dir = session_dir
         self.node_address = node_address
         self.head_address = head_address
-        self.channel = rpc.channel(node_address, token)
+        self.tls = rpc.client_tls(settings)
+        self.channel = rpc.channel(node_address, token, self.tls)
         self.node = rpc.node_stub(self.channel)
         self.head_channel = (self.channel if head_address == node_address
-                             else rpc.channel(head_address, token))
+                             else rpc.channel(head_address, token, self.tls))
         self.head = rpc.head_stub(self.head_channel)
         info = self.node.GetResources(pb.Empty(), timeout=settings.start_timeout)
         self.node_id, self.store_dir = info.node_id, info.store_dir
@@ -123,7 +124,8 @@ class CoreClient:
     def node_stub(self, address: str):
         stub = self._node_stubs.get(address)
         if stub is None:
-            stub = self._node_stubs[address] = rpc.node_stub(rpc.channel(address, self.token))
+            stub = self._node_stubs[address] = rpc.node_stub(
+                rpc.channel(address, self.token, self.tls))
         return stub
 
     def on_ready(self, ref: ObjectRef, cb) -> None:

@@ -117,7 +117,8 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
     def _node_stub(self, address: str):
         stub = self._stubs.get(address)
         if stub is None:
-            stub = self._stubs[address] = rpc.node_stub(rpc.channel(address, self.token))
+            stub = self._stubs[address] = rpc.node_stub(
+                rpc.channel(address, self.token, rpc.client_tls(self.settings)))
         return stub
 
     # ------------------------------------------------------------------ actors

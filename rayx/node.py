@@ -48,7 +48,8 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         self.clients: dict[str, int] = {}  # driver client id -> pid
         self.driver_pid = driver_pid
         self.stopped = threading.Event()
-        self.head = rpc.head_stub(rpc.channel(head_address, token))
+        self.tls = rpc.client_tls(settings)
+        self.head = rpc.head_stub(rpc.channel(head_address, token, self.tls))
         self._peers: dict[str, object] = {}
         self._nodes_cache: list[pb.NodeInfo] = []
         self._nodes_at = 0.0
@@ -289,8 +290,8 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         """Copy an object from another node's store into this one, chunk by chunk."""
         peer = self._peers.get(from_address)
         if peer is None:
-            peer = self._peers[from_address] = rpc.node_stub(rpc.channel(from_address,
-                                                                         self.token))
+            peer = self._peers[from_address] = rpc.node_stub(
+                rpc.channel(from_address, self.token, self.tls))
         stream = peer.PullObject(pb.RestoreRequest(object_id=oid), timeout=600)
         fd, path, size, done = -1, "", 0, 0
         try:

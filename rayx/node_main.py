@@ -26,7 +26,7 @@ def run(config: dict) -> None:
     """Serve one node until told to stop, then tear everything of it down."""
     settings = load_settings()
     session_dir, node_id, token = config["session_dir"], config["node_id"], config["token"]
-    tls = _read_tls(config)
+    tls = rpc.server_tls(settings)
     server, port = rpc.make_server(token, f"{config['host']}:{config.get('port', 0)}", tls=tls)
     address = f"{config['host']}:{port}"
     head = None
@@ -74,20 +74,6 @@ def _remove_short_socket_dir(session_dir: str) -> None:
     if not short.startswith(session_dir):
         import shutil
         shutil.rmtree(short, ignore_errors=True)
-
-
-def _read_tls(config: dict):
-    if not config.get("tls_cert"):
-        return None
-    with open(config["tls_cert"], "rb") as f:
-        cert = f.read()
-    with open(config["tls_key"], "rb") as f:
-        key = f.read()
-    ca = None
-    if config.get("tls_ca"):
-        with open(config["tls_ca"], "rb") as f:
-            ca = f.read()
-    return cert, key, ca
 
 
 def _write_ready(session_dir: str, node_id: str, info: dict) -> None:

@@ -71,6 +71,27 @@ class _AddToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
         return continuation(self._details(details), request)
 
 
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def server_tls(settings) -> tuple[bytes, bytes, bytes | None] | None:
+    """(cert, key, ca) for a server when settings name a certificate; ca demands client certs."""
+    if not settings.tls_cert:
+        return None
+    return _read(settings.tls_cert), _read(settings.tls_key), _read(settings.tls_ca)
+
+
+def client_tls(settings) -> tuple[bytes | None, bytes | None, bytes | None] | None:
+    """(cert, key, ca) for channels when settings ask for TLS (a CA to trust, at least)."""
+    if not (settings.tls_ca or settings.tls_cert):
+        return None
+    return _read(settings.tls_cert), _read(settings.tls_key), _read(settings.tls_ca)
+
+
 def channel(address: str, token: str, tls: tuple[bytes | None, bytes | None, bytes | None]
             | None = None) -> grpc.Channel:
     """A channel to `address` ("host:port") whose every call carries `token`."""

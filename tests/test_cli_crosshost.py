@@ -164,3 +164,36 @@ def test_cluster_across_two_network_namespaces(two_hosts, tmp_path):
         _rayx(["stop"], env)
     wait_for(lambda: not [p for p in rayx_processes() if str(tmp_path) in " ".join(p.cmdline())],
              15, what="both nodes to stop")
+
+
+def test_tls_cluster(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=rayx-test", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    env = _env(tmp_path)
+    started = _rayx(["start", "--head", "--port", "0", "--num-cpus", "1", "--tls-cert", str(cert),
+                     "--tls-key", str(key), "--tls-ca", str(cert)], env)
+    try:
+        assert started.returncode == 0, started.stderr
+        driver = textwrap.dedent("""
+            import rayx
+            rayx.init(address="auto")
+            @rayx.remote
+            def one():
+                return 1
+            print("TLS", rayx.get(one.remote()))
+        """)
+        tls_env = dict(env, RAYX_TLS_CERT=str(cert), RAYX_TLS_KEY=str(key), RAYX_TLS_CA=str(cert),
+                       RAYX_START_TIMEOUT="5")
+        ok = subprocess.run([sys.executable, "-c", driver], env=tls_env, capture_output=True,
+                            text=True, timeout=60)
+        assert "TLS 1" in ok.stdout, ok.stderr
+        plain = subprocess.run([sys.executable, "-c", driver], env=dict(env,
+                               RAYX_START_TIMEOUT="3"), capture_output=True, text=True,
+                               timeout=60)
+        assert plain.returncode != 0 and "could not reach the cluster" in plain.stderr
+    finally:
+        _rayx(["stop"], env)
