@@ -201,6 +201,12 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
         self._persist(rec)
         return pb.Empty()
 
+    def OwnerDied(self, request, context):
+        """The process that created some actors is gone: end those not created detached."""
+        for aid in self.actors_owned_by(request.owner_id):
+            self.KillActor(pb.KillActorRequest(actor_id=aid, no_restart=True), context)
+        return pb.Empty()
+
     def _node_by_id(self, node_id: str) -> pb.NodeInfo | None:
         with self.cond:
             rec = self.nodes.get(node_id)

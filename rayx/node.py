@@ -215,7 +215,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
             if rec.lease_id:
                 self.leases.pop(rec.lease_id, None)
             self._release(rec)
-        self.store.free_owner(rec.worker_id)
+        self._owner_gone(rec.worker_id)
         if rec.actor_id and not self.stopped.is_set():
             try:
                 self.head.ReportActorState(pb.ActorStateUpdate(
@@ -346,8 +346,14 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
     def UnregisterClient(self, request, context):
         with self.lock:
             self.clients.pop(request.client_id, None)
-        self.store.free_owner(request.client_id)
+        self._owner_gone(request.client_id)
         return pb.Empty()
+
+    def _owner_gone(self, owner_id: str) -> None:
+        """Free what a gone driver or worker owned: its objects and non-detached actors."""
+        self.store.free_owner(owner_id)
+        if not self.stopped.is_set():
+            rpc.call_async(self.head.OwnerDied, pb.OwnerInfo(owner_id=owner_id), timeout=10)
 
     def GetResources(self, request, context):
         return self._info()
@@ -369,7 +375,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
                 for c in gone:
                     del self.clients[c]
             for c in gone:
-                self.store.free_owner(c)
+                self._owner_gone(c)
             if time.monotonic() - last_beat >= self.settings.heartbeat_interval:
                 last_beat = time.monotonic()
                 info = self._info()

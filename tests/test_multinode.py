@@ -192,3 +192,47 @@ def test_node_death_fails_over():
     finally:
         c.shutdown()
     assert not os.path.exists(doomed.store_dir)
+
+
+def test_driver_exit_ends_its_actors_but_not_detached_ones():
+    """In a standing cluster, a driver's actors end with it; detached ones outlive it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    if rayx.is_initialized():
+        rayx.shutdown()
+    c = Cluster(head_cpus=1)
+    try:
+        code = textwrap.dedent(f"""
+            import os, rayx
+            rayx.init(address="{c.address}", token="{c.session.token}")
+            @rayx.remote
+            class A:
+                def pid(self):
+                    return os.getpid()
+            mine = A.remote()
+            kept = A.options(name="kept", lifetime="detached").remote()
+            print("PIDS", rayx.get(mine.pid.remote()), rayx.get(kept.pid.remote()))
+        """)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                                 os.path.abspath(__file__)))))
+        assert out.returncode == 0, out.stderr
+        mine, kept = map(int, out.stdout.split("PIDS")[1].split())
+        wait_for(lambda: not _pid_alive(mine), 15, what="the driver's actor to end")
+        assert _pid_alive(kept)
+        c.connect()
+        handle = rayx.get_actor("kept")
+        assert rayx.get(handle.pid.remote(), timeout=30) == kept
+        rayx.kill(handle)
+    finally:
+        c.shutdown()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

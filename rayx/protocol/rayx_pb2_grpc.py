@@ -69,6 +69,11 @@ class HeadStub:
                 request_serializer=rayx_dot_protocol_dot_rayx__pb2.KillActorRequest.SerializeToString,
                 response_deserializer=rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
                 _registered_method=True)
+        self.OwnerDied = channel.unary_unary(
+                '/rayx.Head/OwnerDied',
+                request_serializer=rayx_dot_protocol_dot_rayx__pb2.OwnerInfo.SerializeToString,
+                response_deserializer=rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
+                _registered_method=True)
         self.KvPut = channel.unary_unary(
                 '/rayx.Head/KvPut',
                 request_serializer=rayx_dot_protocol_dot_rayx__pb2.KvRequest.SerializeToString,
@@ -131,6 +136,13 @@ class HeadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OwnerDied(self, request, context):
+        """ends the owner's non-detached actors
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def KvPut(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -185,6 +197,11 @@ def add_HeadServicer_to_server(servicer, server):
             'KillActor': grpc.unary_unary_rpc_method_handler(
                     servicer.KillActor,
                     request_deserializer=rayx_dot_protocol_dot_rayx__pb2.KillActorRequest.FromString,
+                    response_serializer=rayx_dot_protocol_dot_rayx__pb2.Empty.SerializeToString,
+            ),
+            'OwnerDied': grpc.unary_unary_rpc_method_handler(
+                    servicer.OwnerDied,
+                    request_deserializer=rayx_dot_protocol_dot_rayx__pb2.OwnerInfo.FromString,
                     response_serializer=rayx_dot_protocol_dot_rayx__pb2.Empty.SerializeToString,
             ),
             'KvPut': grpc.unary_unary_rpc_method_handler(
@@ -391,6 +408,33 @@ class Head:
             target,
             '/rayx.Head/KillActor',
             rayx_dot_protocol_dot_rayx__pb2.KillActorRequest.SerializeToString,
+            rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OwnerDied(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rayx.Head/OwnerDied',
+            rayx_dot_protocol_dot_rayx__pb2.OwnerInfo.SerializeToString,
             rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
             options,
             channel_credentials,
