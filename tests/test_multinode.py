@@ -215,9 +215,9 @@ def test_driver_exit_ends_its_actors_but_not_detached_ones():
             kept = A.options(name="kept", lifetime="detached").remote()
             print("PIDS", rayx.get(mine.pid.remote()), rayx.get(kept.pid.remote()))
         """)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=60, env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
-                                 os.path.abspath(__file__)))))
+                             timeout=60, env=dict(os.environ, PYTHONPATH=repo))
         assert out.returncode == 0, out.stderr
         mine, kept = map(int, out.stdout.split("PIDS")[1].split())
         wait_for(lambda: not _pid_alive(mine), 15, what="the driver's actor to end")
