@@ -6,7 +6,8 @@
     owners --ReturnLease--> worker back to the idle pool, resources freed
     workers --SetBlocked--> CPU lent back while blocked in get(), reclaimed after
     head --StartActor--> a dedicated worker builds the actor
-    anyone --Reserve/Seal/Free/RestoreObject, PullObject--> the object store
+    anyone --Reserve/Seal/Free/RestoreObject--> the object store; other nodes pull objects
+    through the TransferServer (transfer.py), and copies are freed with their original
     watcher thread: heartbeats to the head; drivers' pids (local mode: driver gone -> shut down)
 
 In local mode the head service lives in this process too (node_main.py wires them together).
@@ -15,7 +16,6 @@ In local mode the head service lives in this process too (node_main.py wires the
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -27,10 +27,10 @@ from rayx.object_store import ObjectStore
 from rayx.protocol import rayx_pb2 as pb
 from rayx.protocol import rayx_pb2_grpc
 from rayx.scheduler import ResourcePool
+from rayx.transfer import TransferServer, pull
 from rayx.worker_pool import WorkerPool, WorkerRecord
 
 log = logging.getLogger(__name__)
-_CHUNK = 4 * 1024 * 1024
 
 
 class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
@@ -53,6 +53,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         self._peers: dict[str, object] = {}
         self._nodes_cache: list[pb.NodeInfo] = []
         self._nodes_at = 0.0
+        self.copies: dict[str, set[str]] = {}  # object id -> nodes that pulled a copy
         self.demand: dict[str, float] = {}  # resources of lease requests refused since the
         # last heartbeat: what `rayx status` shows as pending demand
         self.workers = WorkerPool(session_dir, {
@@ -61,8 +62,10 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         }, self._on_worker_death, stdout=stdout)
         self._watcher = threading.Thread(target=self._watch_loop, name="rayx-node-watch",
                                          daemon=True)
+        self.transfer = TransferServer(address.rsplit(":", 1)[0], token, self._serve_copy)
 
     def start(self) -> NodeManager:
+        self.transfer.start()
         self._register()
         n = self.settings.prestart_workers
         n = int(self.pool.total.get("CPU", 1)) if n is None else n
@@ -86,7 +89,8 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         return pb.NodeInfo(node_id=self.node_id, address=self.address,
                            total=pb.ResourceMap(amounts=self.pool.total),
                            available=pb.ResourceMap(amounts=avail), alive=True,
-                           store_dir=self.store.store_dir)
+                           store_dir=self.store.store_dir,
+                           transfer_port=self.transfer.port)
 
     def _register(self) -> None:
         self.head.RegisterNode(self._info(), timeout=self.settings.start_timeout)
@@ -275,8 +279,27 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         return pb.Empty()
 
     def FreeObjects(self, request, context):
-        self.store.free(request.object_ids)
+        self._free(list(request.object_ids))
         return pb.Empty()
+
+    def _free(self, oids: list[str]) -> None:
+        """Free objects here and the copies other nodes pulled from here."""
+        self.store.free(oids)
+        by_node: dict[str, list[str]] = {}
+        with self.lock:
+            for oid in oids:
+                for address in self.copies.pop(oid, ()):
+                    by_node.setdefault(address, []).append(oid)
+        for address, copies in by_node.items():
+            rpc.call_async(self._peer(address).FreeObjects, pb.ObjectIds(object_ids=copies),
+                           timeout=10)
+
+    def _peer(self, address: str):
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = self._peers[address] = rpc.node_stub(rpc.channel(address, self.token,
+                                                                    self.tls))
+        return peer
 
     def RestoreObject(self, request, context):
         try:
@@ -287,54 +310,27 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
             return pb.RestoreReply(ok=False, error=str(exc))
 
     def _pull(self, oid: str, from_address: str) -> pb.RestoreReply:
-        """Copy an object from another node's store into this one, chunk by chunk."""
-        peer = self._peers.get(from_address)
-        if peer is None:
-            peer = self._peers[from_address] = rpc.node_stub(
-                rpc.channel(from_address, self.token, self.tls))
-        stream = peer.PullObject(pb.RestoreRequest(object_id=oid), timeout=600)
-        fd, path, size, done = -1, "", 0, 0
+        """Copy an object from another node's store into this one (rayx/transfer.py)."""
+        node = next((n for n in self._nodes() if n.address == from_address), None)
+        if node is None:
+            self._nodes_at = 0.0  # maybe a node that joined since the last look
+            node = next((n for n in self._nodes() if n.address == from_address), None)
+        if node is None or not node.transfer_port:
+            return pb.RestoreReply(ok=False, error=f"the node at {from_address} is gone")
         try:
-            for chunk in stream:
-                if fd < 0:
-                    size = chunk.total
-                    path = self.store.reserve(oid, size)
-                    fd = os.open(path + ".pull", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-                    os.ftruncate(fd, size)
-                os.pwrite(fd, chunk.data, done)
-                done += len(chunk.data)
-        except Exception as exc:
-            if path:
-                self.store.free([oid])
+            path, size = pull(from_address.rsplit(":", 1)[0], node.transfer_port, self.token,
+                              oid, self.address, lambda size: self.store.reserve(oid, size))
+        except (ObjectLostError, ObjectStoreFullError, OSError) as exc:
+            self.store.free([oid])
             return pb.RestoreReply(ok=False, error=f"pulling from {from_address}: {exc}")
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        if fd < 0 or done != size:
-            if path:
-                self.store.free([oid])
-            return pb.RestoreReply(ok=False, error=f"object {oid} is not on {from_address}")
-        os.rename(path + ".pull", path)
         self.store.seal(oid, size, owner_id="")
         return pb.RestoreReply(ok=True, path=path)
 
-    def PullObject(self, request, context):
-        try:
-            path = self.store.restore(request.object_id)
-            fd = os.open(path, os.O_RDONLY)
-        except (ObjectLostError, OSError):
-            return
-        try:
-            total = os.fstat(fd).st_size
-            sent = 0
-            while sent < total:
-                data = os.pread(fd, _CHUNK, sent)
-                if not data:
-                    break
-                yield pb.Chunk(data=data, total=total)
-                sent += len(data)
-        finally:
-            os.close(fd)
+    def _serve_copy(self, oid: str, puller: str) -> str:
+        path = self.store.restore(oid)
+        with self.lock:
+            self.copies.setdefault(oid, set()).add(puller)
+        return path
 
     # ------------------------------------------------------------------ clients
 
@@ -351,7 +347,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
 
     def _owner_gone(self, owner_id: str) -> None:
         """Free what a gone driver or worker owned: its objects and non-detached actors."""
-        self.store.free_owner(owner_id)
+        self._free(self.store.free_owner(owner_id))
         if not self.stopped.is_set():
             rpc.call_async(self.head.OwnerDied, pb.OwnerInfo(owner_id=owner_id), timeout=10)
 
@@ -393,5 +389,6 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         self.stopped.set()
         if self._watcher.is_alive() and self._watcher is not threading.current_thread():
             self._watcher.join(5)
+        self.transfer.stop()
         self.workers.stop()
         self.store.destroy()

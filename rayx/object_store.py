@@ -125,11 +125,12 @@ class ObjectStore:
                     self.used -= obj.size
                     _unlink(self.path(oid))
 
-    def free_owner(self, owner_id: str) -> None:
+    def free_owner(self, owner_id: str) -> list[str]:
         """Free every object of an owner that exited: nobody can resolve them any more."""
         with self._lock:
             ids = [oid for oid, o in self.objects.items() if o.owner_id == owner_id]
         self.free(ids)
+        return ids
 
     def destroy(self) -> None:
         """Remove every object, in memory and on disk."""

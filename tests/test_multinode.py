@@ -236,3 +236,21 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_pulled_copies_are_freed_with_the_original(three_nodes):
+    import gc
+
+    ref = rayx.put(np.ones(2_000_000))
+
+    @rayx.remote(resources={"b": 1})
+    def total(arr):
+        return float(arr.sum())
+
+    assert rayx.get(total.remote(ref), timeout=60) == 2_000_000.0
+    store_b = next(n["StoreDir"] for n in rayx.nodes() if "b" in n["Resources"])
+    assert ref.id in os.listdir(store_b)  # a copy was pulled to node b
+    oid = ref.id
+    del ref
+    gc.collect()
+    wait_for(lambda: oid not in os.listdir(store_b), 10, what="the pulled copy to be freed")

@@ -582,11 +582,6 @@ class NodeManagerStub:
                 request_serializer=rayx_dot_protocol_dot_rayx__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=rayx_dot_protocol_dot_rayx__pb2.RestoreReply.FromString,
                 _registered_method=True)
-        self.PullObject = channel.unary_stream(
-                '/rayx.NodeManager/PullObject',
-                request_serializer=rayx_dot_protocol_dot_rayx__pb2.RestoreRequest.SerializeToString,
-                response_deserializer=rayx_dot_protocol_dot_rayx__pb2.Chunk.FromString,
-                _registered_method=True)
         self.RegisterClient = channel.unary_unary(
                 '/rayx.NodeManager/RegisterClient',
                 request_serializer=rayx_dot_protocol_dot_rayx__pb2.ClientInfo.SerializeToString,
@@ -666,12 +661,6 @@ class NodeManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PullObject(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def RegisterClient(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -743,11 +732,6 @@ def add_NodeManagerServicer_to_server(servicer, server):
                     servicer.RestoreObject,
                     request_deserializer=rayx_dot_protocol_dot_rayx__pb2.RestoreRequest.FromString,
                     response_serializer=rayx_dot_protocol_dot_rayx__pb2.RestoreReply.SerializeToString,
-            ),
-            'PullObject': grpc.unary_stream_rpc_method_handler(
-                    servicer.PullObject,
-                    request_deserializer=rayx_dot_protocol_dot_rayx__pb2.RestoreRequest.FromString,
-                    response_serializer=rayx_dot_protocol_dot_rayx__pb2.Chunk.SerializeToString,
             ),
             'RegisterClient': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterClient,
@@ -1013,33 +997,6 @@ class NodeManager:
             '/rayx.NodeManager/RestoreObject',
             rayx_dot_protocol_dot_rayx__pb2.RestoreRequest.SerializeToString,
             rayx_dot_protocol_dot_rayx__pb2.RestoreReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PullObject(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/rayx.NodeManager/PullObject',
-            rayx_dot_protocol_dot_rayx__pb2.RestoreRequest.SerializeToString,
-            rayx_dot_protocol_dot_rayx__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
