@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from rayx import rpc, wire
 from rayx.exceptions import ActorDiedError, TaskCancelledError
 from rayx.protocol import rayx_pb2 as pb
+from rayx.submitter import echo_output
 from rayx.task_spec import TaskSpec
 
 
@@ -104,6 +105,9 @@ class ActorSubmitter:
             self.core.fail_task(spec, ActorDiedError(ac.dead))
 
     def _on_msg(self, conn: wire.Connection, msg) -> None:
+        if msg[0] == "log":
+            echo_output(msg[1], msg[2])
+            return
         if msg[0] != "done":
             return
         ac: ActorConn = conn.peer

@@ -104,7 +104,7 @@ def start_node(session: Session, settings: Settings, *, head: bool, head_address
                   token=session.token, head=head, head_address=head_address,
                   resources=resources, num_gpus=num_gpus,
                   object_store_memory=object_store_memory, driver_pid=driver_pid, host=host,
-                  port=port, **(extra or {}))
+                  port=port, forward_output=log_to_file, **(extra or {}))
     env = dict(os.environ, **settings_to_env(settings))
     out = None
     if log_to_file:

@@ -42,7 +42,8 @@ def run(config: dict) -> None:
         node = NodeManager(node_id=node_id, address=address, head_address=head_address,
                            token=token, session_dir=session_dir, resources=config["resources"],
                            num_gpus=int(config.get("num_gpus", 0)), store=store,
-                           settings=settings, driver_pid=int(config.get("driver_pid", 0)))
+                           settings=settings, driver_pid=int(config.get("driver_pid", 0)),
+                           forward_output=bool(config.get("forward_output")))
     except BaseException:
         store.destroy()
         if head is not None:

@@ -13,6 +13,7 @@ the node is saturated (it answered RETRY), up to max_tasks_in_flight_per_worker 
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -48,6 +49,13 @@ class ShapeQueue:
     retry_scheduled: bool = False
     saturated: bool = False
     backoff: float = 0.002
+
+
+def echo_output(text: str, err: bool) -> None:
+    """Print what a worker of another node printed, already prefixed with its pid and node."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text)
+    stream.flush()
 
 
 def shape_key(spec: TaskSpec) -> tuple:
@@ -180,6 +188,9 @@ class TaskSubmitter:
             self._pump(key, sq)
 
     def _on_worker_msg(self, conn: wire.Connection, msg) -> None:
+        if msg[0] == "log":
+            echo_output(msg[1], msg[2])
+            return
         if msg[0] != "done":
             return
         lease: Lease = conn.peer

@@ -43,6 +43,7 @@ class Worker:
         self.actor_id = ""
         self.actor_pool: ThreadPoolExecutor | None = None
         self.actor_loop: asyncio.AbstractEventLoop | None = None
+        self.output_conn: wire.Connection | None = None  # where printed text goes, if forwarded
         self.cpus_for_lease = 0.0
         self.blocked_depth = 0
         self.listener = wire.Listener(
@@ -113,6 +114,7 @@ class Worker:
             self.cancelled.discard(spec.task_id)
             descs = _error_descs(spec, TaskCancelledError(f"task {spec.name} was cancelled"))
         else:
+            self.output_conn = conn
             descs = self._run(spec)
         try:
             conn.send(("done", spec.task_id, descs))
@@ -189,6 +191,15 @@ class Worker:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = threads
         self.cpus_for_lease = cpus
+
+    def forward_output(self, text: str, err: bool) -> None:
+        """Send printed text to the owner of the running task, whose terminal shows it."""
+        conn = self.output_conn
+        if conn is not None:
+            try:
+                conn.send(("log", text, err))
+            except ConnectionError:
+                pass
 
     def _blocked(self, blocked: bool) -> None:
         """Tell the node this worker waits in get(), so its CPU can run the tasks it waits on."""
@@ -277,8 +288,9 @@ def _error_descs(spec: TaskSpec, err: BaseException, n: int | None = None) -> li
 class _PrefixWriter:
     """A text stream that prefixes each line with the worker's pid, as Ray does."""
 
-    def __init__(self, stream, prefix: str):
+    def __init__(self, stream, prefix: str, forward=None):
         self._stream, self._prefix, self._at_start = stream, prefix, True
+        self._forward = forward  # in a multi-node cluster: also send the text to the owner
         self._lock = threading.Lock()
 
     def write(self, s: str) -> int:
@@ -287,12 +299,15 @@ class _PrefixWriter:
         with self._lock:
             out = []
             for line in s.splitlines(keepends=True):
-                if self._at_start:
+                if self._at_start and not line.startswith("(pid="):  # forwarded: prefixed
                     out.append(self._prefix)
                 out.append(line)
                 self._at_start = line.endswith("\n")
-            self._stream.write("".join(out))
+            text = "".join(out)
+            self._stream.write(text)
             self._stream.flush()
+        if self._forward is not None:
+            self._forward(text, self._stream is sys.__stderr__)
         return len(s)
 
     def flush(self) -> None:
@@ -305,6 +320,11 @@ class _PrefixWriter:
 def main(worker_id: str, config: dict) -> None:
     """Entry point of a forked worker."""
     prefix = f"(pid={os.getpid()}, node={config['node_id'][:8]}) "
-    sys.stdout = _PrefixWriter(sys.__stdout__, prefix)
-    sys.stderr = _PrefixWriter(sys.__stderr__, prefix)
-    Worker(worker_id, config).run()
+    holder: list = []
+    forward = (lambda text, err: holder[0].forward_output(text, err)
+               if holder else None) if config.get("forward_output") else None
+    sys.stdout = _PrefixWriter(sys.__stdout__, prefix, forward)
+    sys.stderr = _PrefixWriter(sys.__stderr__, prefix, forward)
+    worker = Worker(worker_id, config)
+    holder.append(worker)
+    worker.run()
