@@ -8,7 +8,7 @@
 
 State persists in SQLite (head.db in the session directory), so a restarted head recovers its
 actors, names and KV entries. One background thread (the monitor) owns node liveness and actor
-(re)scheduling; stop() ends it.
+(re)scheduling, handing each start to a small pool of starter threads; stop() ends both.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from rayx import rpc
@@ -60,6 +61,8 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
                         "state TEXT, cause TEXT)")
         self._stubs: dict[str, object] = {}
         self._to_schedule: list[str] = []
+        self._starting: set[str] = set()  # actors a starter thread is placing right now
+        self._starter = ThreadPoolExecutor(8, thread_name_prefix="rayx-actor-start")
         self._stopped = False
         self._load()
         self._monitor = threading.Thread(target=self._monitor_loop, name="rayx-head-monitor",
@@ -222,8 +225,8 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
         """Start one actor on a node that fits; False to try again later."""
         with self.cond:
             rec = self.actors.get(aid)
-            if rec is None or rec.state == "DEAD":
-                return True
+            if rec is None or rec.state not in ("PENDING", "RESTARTING"):
+                return True  # dead, or already placed by an earlier attempt
             spec = rec.spec
         need = dict(spec.resources.amounts)
         nodes = self.alive_nodes()
@@ -305,13 +308,21 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
                     return
                 if not self._to_schedule:
                     self.cond.wait(0.2)
-                todo, self._to_schedule = self._to_schedule, []
+                waiting = list(dict.fromkeys(self._to_schedule))
+                todo = [a for a in waiting if a not in self._starting]
+                self._to_schedule = [a for a in waiting if a in self._starting]
+                self._starting.update(todo)
                 self._check_nodes()
-            retry = [aid for aid in todo if not self._schedule_safely(aid)]
-            with self.cond:
-                self._to_schedule.extend(retry)
-                if retry and not self._stopped:
-                    self.cond.wait(0.05)
+            for aid in todo:  # a slow constructor must not hold up other actors or liveness
+                self._starter.submit(self._start_one, aid)
+
+    def _start_one(self, aid: str) -> None:
+        done = self._schedule_safely(aid)
+        with self.cond:
+            self._starting.discard(aid)
+            if not done and not self._stopped and aid not in self._to_schedule:
+                self._to_schedule.append(aid)
+                self.cond.wait(0.05)  # back off before the monitor tries it again
 
     def _schedule_safely(self, aid: str) -> bool:
         try:
@@ -339,4 +350,5 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
             self.cond.notify_all()
         if self._monitor.is_alive():
             self._monitor.join(5)
+        self._starter.shutdown(wait=False, cancel_futures=True)
         self.db.close()

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -214,3 +215,24 @@ def test_unreferenced_actor_is_stopped(rayx_cluster):
     pid = rayx.get(c.pid.remote())
     del c
     wait_for(lambda: not _alive(pid), 10, what="the dropped actor's worker to exit")
+
+
+def test_slow_constructor_does_not_hold_up_other_actors(rayx_cluster):
+    @rayx.remote
+    class Slow:
+        def __init__(self):
+            time.sleep(5)
+
+        def ping(self):
+            return "slow"
+
+    @rayx.remote
+    class Quick:
+        def ping(self):
+            return "quick"
+
+    slow = Slow.remote()
+    t0 = time.monotonic()
+    assert rayx.get(Quick.remote().ping.remote(), timeout=20) == "quick"
+    assert time.monotonic() - t0 < 4
+    assert rayx.get(slow.ping.remote(), timeout=20) == "slow"
