@@ -1,0 +1,677 @@
+"""RayxExecutor: a concurrent.futures.Executor whose calls run as rayx tasks.
+
+    submit(fn, *args) -> RayxFuture --a slot is free--> _run_call.remote(spec, fn, *args)
+                                   --all slots busy--> pending deque (future PENDING)
+    ObjectRef.future() done --(rayx's thread only queues it)--> events --> dispatcher thread:
+        set_result / set_exception on the RayxFuture (user callbacks run here)
+        -> while fewer than `window` calls are in flight: pop pending -> RUNNING -> send
+    (window = max_workers, or twice that when the cluster alone caps the calls below it)
+
+Results and task errors are delivered on the dispatcher thread only; a call that cannot even
+be sent (unpicklable) fails at once in the thread that sent it. Each executor owns its
+dispatcher, and the local cluster when it started one: the dispatcher shuts that cluster down
+when it exits, after the last call.
+
+A call is PENDING while it waits in this executor's queue (cancel() drops it before any task
+exists) and RUNNING once its task is sent, as in ProcessPoolExecutor. Top-level ObjectRef
+arguments reach `fn` as their values, as for any rayx task.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import importlib
+import itertools
+import logging
+import queue
+import sys
+import threading
+import time
+import traceback
+import types
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass
+from typing import Any
+
+import rayx
+from rayx import api
+from rayx.exceptions import (
+    RayxError,
+    RayxSystemError,
+    TaskCancelledError,
+    WorkerCrashedError,
+)
+
+LOGGER = logging.getLogger("concurrent.futures")
+
+_TERMINATE = "terminate"
+_KILL = "kill"
+_SHUTDOWN_OPERATIONS = (_TERMINATE, _KILL)
+_HEALTH_INTERVAL = 1.0  # seconds between cluster checks while calls are in flight
+_WINDOW_REFRESH = 5.0  # seconds between looks at the cluster's capacity
+_WAKEUP = None
+
+
+class BrokenRayxExecutor(BrokenExecutor, RayxError):
+    """The executor cannot run calls any more: its cluster died or its initializer failed."""
+
+
+class _InitializerFailed(Exception):
+    """Raised in a worker whose run of the executor's initializer failed."""
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+@dataclass(frozen=True, slots=True)
+class _CallSpec:
+    """What every call of one executor carries to the worker: its token and its initializer."""
+
+    token: str
+    init: tuple | None  # (ObjectRef of (initializer, initargs),) nested so it stays a ref
+
+
+_INIT_STATE: dict[str, str | None] = {}  # in workers: executor token -> None or failed traceback
+
+
+def _ensure_initialized(spec: _CallSpec) -> None:
+    if spec.init is None:
+        return
+    if spec.token not in _INIT_STATE:
+        initializer, initargs = rayx.get(spec.init[0])
+        try:
+            initializer(*initargs)
+            _INIT_STATE[spec.token] = None
+        except BaseException:
+            _INIT_STATE[spec.token] = traceback.format_exc()
+    failed = _INIT_STATE[spec.token]
+    if failed is not None:
+        raise _InitializerFailed(failed)
+
+
+def _run_call(spec: _CallSpec, fn: Callable, /, *args: Any, **kwargs: Any) -> Any:
+    _ensure_initialized(spec)
+    return fn(*args, **kwargs)
+
+
+_REMOTE_CALL = rayx.remote(_run_call)
+
+
+def _process_chunk(fn: Callable, chunk: tuple) -> list:
+    return [fn(*args) for args in chunk]
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def _in_worker() -> bool:
+    return api.worker() is not None
+
+
+@contextlib.contextmanager
+def _cpu_lent() -> Iterator[None]:
+    """Inside a rayx worker, hand the task's CPU back while this thread blocks (as get() does)."""
+    hook = api.core().blocked_hook if _in_worker() else None
+    if hook is None:
+        yield
+        return
+    hook(True)
+    try:
+        yield
+    finally:
+        hook(False)
+
+
+class RayxFuture(Future):
+    """A concurrent.futures.Future for one call; blocking on it inside a task lends the CPU."""
+
+    def result(self, timeout: float | None = None) -> Any:
+        return super().result(self._wait_lending(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._wait_lending(timeout))
+
+    def _wait_lending(self, timeout: float | None) -> float | None:
+        """In a worker, wait here with the CPU lent; returns the timeout left for the base class."""
+        if self.done() or not _in_worker():
+            return timeout
+        with _cpu_lent():
+            futures_wait([self], timeout)
+        return None if timeout is None else 0
+
+
+class _WorkItem:
+    __slots__ = ("future", "fn", "args", "kwargs", "ref")
+
+    def __init__(self, future: RayxFuture, fn: Callable, args: tuple, kwargs: dict):
+        self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
+        self.ref: rayx.ObjectRef | None = None
+
+
+_global_shutdown = False
+_live_dispatchers: weakref.WeakSet[_Dispatcher] = weakref.WeakSet()
+_atexit_lock = threading.Lock()
+_atexit_registered = False
+
+
+def _python_exit() -> None:
+    """At interpreter exit, let every executor finish the work it was given, then stop."""
+    global _global_shutdown
+    _global_shutdown = True
+    dispatchers = list(_live_dispatchers)
+    for d in dispatchers:
+        d.release()
+    for d in dispatchers:
+        d.join()
+
+
+def _register_atexit() -> None:
+    # Registered after rayx started, so it runs before rayx's own atexit shutdown.
+    global _atexit_registered
+    with _atexit_lock:
+        if not _atexit_registered:
+            threading._register_atexit(_python_exit)
+            _atexit_registered = True
+
+
+class _Dispatcher:
+    """Owns the calls waiting to be sent, the calls in flight, and the thread that runs both."""
+
+    def __init__(self, max_workers: int, options: dict, spec: _CallSpec, owns_cluster: bool):
+        self.max_workers = max_workers
+        self.window = max_workers  # calls in flight at most; see _refresh_window
+        self._window_checked = 0.0
+        self.options = options
+        self.spec = spec
+        self.owns_cluster = owns_cluster
+        self.lock = threading.Lock()
+        self.pending: collections.deque[_WorkItem] = collections.deque()
+        self.running: dict[int, _WorkItem] = {}
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.closing = False
+        self.broken: bool | str = False
+        self.force_operation: str | None = None
+        self._remotes: dict[str, Any] = {}  # task name -> the remote function with our options
+        self.thread = threading.Thread(target=self._loop, name=f"RayxExecutor-{spec.token[:8]}")
+
+    # -- verbs used by the executor (any thread)
+
+    def start(self) -> None:
+        _live_dispatchers.add(self)
+        self.thread.start()
+
+    def submit(self, item: _WorkItem) -> None:
+        """Send the call now if a slot is free and none waits before it, else queue it."""
+        with self.lock:
+            direct = not self.pending and len(self.running) < self.window
+            if direct:
+                item.future.set_running_or_notify_cancel()
+                self.running[id(item)] = item
+            else:
+                self.pending.append(item)
+        if not direct:
+            self.events.put(_WAKEUP)
+            return
+        try:
+            self._send(item)
+        except BaseException as exc:  # KeyboardInterrupt while pickling: the call never left
+            with self.lock:
+                self.running.pop(id(item), None)
+            item.future.set_exception(exc)
+            raise
+
+    def release(self) -> None:
+        """No more calls will come: finish what is queued and in flight, then exit."""
+        self.closing = True
+        self.events.put(_WAKEUP)
+
+    def join(self) -> None:
+        if self.thread is not threading.current_thread() and self.thread.ident is not None:
+            self.thread.join()
+
+    def take_pending(self) -> list[_WorkItem]:
+        with self.lock:
+            items = list(self.pending)
+            self.pending.clear()
+        return items
+
+    def inflight(self) -> list[_WorkItem]:
+        with self.lock:
+            return list(self.running.values())
+
+    def cancel_inflight(self, force: bool) -> None:
+        """Cancel the tasks of the calls in flight; their futures then fail."""
+        for item in self.inflight():
+            ref = item.ref
+            if ref is not None:
+                with contextlib.suppress(Exception):
+                    rayx.cancel(ref, force=force)
+
+    # -- the dispatcher thread
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                try:
+                    event = self.events.get(timeout=_HEALTH_INTERVAL)
+                except queue.Empty:
+                    self._check_cluster()
+                    event = _WAKEUP
+                if event is not _WAKEUP:
+                    self._complete(*event)
+                del event  # holds the call's result: keep no reference once it is delivered
+                self._send_ready()
+                if self._finished():
+                    break
+        finally:
+            self._exit()
+
+    def _finished(self) -> bool:
+        with self.lock:
+            idle = not self.pending and not self.running
+        return idle and (self.closing or _global_shutdown or bool(self.broken))
+
+    def _exit(self) -> None:
+        _live_dispatchers.discard(self)
+        if self.owns_cluster:
+            with contextlib.suppress(Exception):
+                rayx.shutdown()
+
+    def refresh_window(self) -> None:
+        """Send ahead while the cluster alone keeps us from running more than max_workers.
+
+        When the cluster cannot run more than max_workers of these calls at once, up to twice
+        as many are sent, so that a worker finishing a call finds the next one already queued
+        (ProcessPoolExecutor queues one extra call for the same reason). Otherwise max_workers
+        is the limit itself, and only that many calls are ever in flight.
+        """
+        now = time.monotonic()
+        if now - self._window_checked < _WINDOW_REFRESH:
+            return
+        self._window_checked = now
+        try:
+            capacity = _capacity(self.options)
+        except Exception:  # the cluster is going away: the health check deals with it
+            return
+        self.window = self.max_workers * (2 if capacity <= self.max_workers else 1)
+
+    def _send_ready(self) -> None:
+        self.refresh_window()
+        while True:
+            with self.lock:
+                if self.broken or not self.pending or len(self.running) >= self.window:
+                    return
+                item = self.pending.popleft()
+                if not item.future.set_running_or_notify_cancel():
+                    continue
+                self.running[id(item)] = item
+            self._send(item)
+
+    def _send(self, item: _WorkItem) -> None:
+        if not rayx.is_initialized():
+            self._break("the rayx cluster this executor used was shut down")
+            return
+        try:
+            ref = _submit_call(self._remote_for, self.spec, item.fn, item.args, item.kwargs)
+        except (RayxSystemError, ConnectionError) as exc:
+            self._break(f"the rayx cluster is unreachable: {exc}", exc)
+            return
+        except Exception as exc:  # unpicklable call, bad options: only this call fails
+            with self.lock:
+                self.running.pop(id(item), None)
+            item.future.set_exception(exc)
+            return
+        item.ref, item.fn, item.args, item.kwargs = ref, None, (), {}
+        ref.future().add_done_callback(lambda cf, item=item: self.events.put((item, cf)))
+
+    def _remote_for(self, name: str):
+        remote = self._remotes.get(name)
+        if remote is None:
+            if len(self._remotes) > 256:
+                self._remotes.clear()
+            remote = self._remotes[name] = _REMOTE_CALL.options(**self.options, name=name)
+        return remote
+
+    def _complete(self, item: _WorkItem, cf: Future) -> None:
+        with self.lock:
+            self.running.pop(id(item), None)
+        item.ref = None
+        if item.future.done():  # already failed by _break
+            return
+        exc = cf.exception()
+        if exc is None:
+            item.future.set_result(cf.result())
+        else:
+            item.future.set_exception(self._translate(exc))
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, _InitializerFailed):
+            LOGGER.critical("Exception in initializer:\n%s", exc.args[0] if exc.args else exc)
+            msg = ("A process in the executor's initializer failed, the executor is not usable "
+                   "anymore; fix the initializer or pass initializer=None")
+            self._break(msg, exc)
+            return _broken_error(msg, exc)
+        if isinstance(exc, TaskCancelledError) and self.force_operation is not None:
+            return _broken_error(f"the executor was forcefully shut down by "
+                                 f"{self.force_operation}_workers() while this call ran", exc)
+        if isinstance(exc, (WorkerCrashedError, RayxSystemError)) and not _cluster_alive():
+            msg = f"the rayx cluster died while this call ran: {exc}"
+            self._break(msg, exc)
+            return _broken_error(msg, exc)
+        return exc
+
+    def _check_cluster(self) -> None:
+        with self.lock:
+            busy = bool(self.running)
+        if busy and not _cluster_alive():
+            self._break("the rayx cluster this executor used died; its calls in flight are lost")
+
+    def _break(self, message: str, cause: BaseException | None = None) -> None:
+        """Fail every queued and in-flight call and refuse new ones."""
+        with self.lock:
+            if self.broken:
+                return
+            self.broken = message
+            items = list(self.pending) + list(self.running.values())
+            self.pending.clear()
+            self.running.clear()
+        for item in items:
+            if item.ref is not None:
+                with contextlib.suppress(Exception):
+                    rayx.cancel(item.ref, force=True)
+            fut = item.future
+            if fut.done() or not (fut.running() or fut.set_running_or_notify_cancel()):
+                continue
+            fut.set_exception(_broken_error(message, cause))
+
+
+class _StoredFn:
+    """A function put into the object store once, for the many calls of one map()."""
+
+    __slots__ = ("ref", "name")
+
+    def __init__(self, ref: rayx.ObjectRef, name: str):
+        self.ref, self.name = ref, name
+
+
+def _store_once(fn: Callable, name: str | None = None) -> Callable | _StoredFn:
+    """Pickle fn once for a whole map() (a lambda costs more to pickle than a tiny call)."""
+    if not rayx.is_initialized():
+        return fn
+    try:
+        return _StoredFn(rayx.put(_by_reference(fn)), name or _call_name(fn))
+    except Exception:  # unpicklable: each call then fails on its own future
+        return fn
+
+
+def _submit_call(remote_for: Callable[[str], Any], spec: _CallSpec, fn: Callable,
+                 args: tuple, kwargs: dict):
+    """Send one call as a task named after fn; its top-level ObjectRef arguments resolve."""
+    if isinstance(fn, _StoredFn):
+        remote, fn = remote_for(fn.name), fn.ref  # a top-level ref: the worker gets the function
+    else:
+        remote, fn = remote_for(_call_name(fn)), _by_reference(fn)
+    if "self" in kwargs:  # RemoteFunction.remote(self, ...) cannot take a keyword named self
+        fn, kwargs = functools.partial(fn, **kwargs), {}
+    return remote.remote(spec, fn, *args, **kwargs)
+
+
+class _ModuleAttr:
+    """A module-level bound method (random.random) sent by name: the worker calls its own."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+
+def _by_reference(fn: Callable) -> Callable:
+    """Pickling random.random by value would copy the driver's generator into every call."""
+    owner = getattr(fn, "__self__", None)
+    name = getattr(fn, "__name__", None)
+    if owner is None or name is None or isinstance(owner, (types.ModuleType, type)):
+        return fn
+    for module_name in (getattr(fn, "__module__", None), type(owner).__module__):
+        module = sys.modules.get(module_name) if module_name else None
+        if module is not None and getattr(module, name, None) == fn:
+            return _ModuleAttr(module_name, name)
+    return fn
+
+
+def _call_name(fn: Callable) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+def _broken_error(message: str, cause: BaseException | None) -> BrokenRayxExecutor:
+    err = BrokenRayxExecutor(message)
+    err.__cause__ = cause
+    return err
+
+
+def _cluster_alive() -> bool:
+    if not rayx.is_initialized():
+        return False
+    try:
+        return any(node["Alive"] for node in rayx.nodes())
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+class RayxExecutor(Executor):
+    """A concurrent.futures.Executor that runs each call as a task on a rayx cluster."""
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        address: str | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple = (),
+        max_tasks_per_child: int | None = None,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        resources: dict[str, float] | None = None,
+    ) -> None:
+        _check_arguments(max_workers, initializer, max_tasks_per_child)
+        options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources}
+        if max_tasks_per_child is not None:
+            options["max_calls"] = max_tasks_per_child
+        _check_options(options)
+        owns_cluster = not rayx.is_initialized()
+        if owns_cluster:
+            rayx.init(address=address)
+        try:
+            if max_workers is None:
+                max_workers = _capacity(options)
+            init = None if initializer is None else (rayx.put((initializer, tuple(initargs))),)
+        except BaseException:
+            if owns_cluster:
+                rayx.shutdown()
+            raise
+        self._max_workers = max_workers
+        self._max_tasks_per_child = max_tasks_per_child
+        self._shutdown_lock = threading.Lock()
+        self._shutdown_thread = False
+        self._dispatcher = _Dispatcher(max_workers, options,
+                                       _CallSpec(uuid.uuid4().hex, init), owns_cluster)
+        self._dispatcher.refresh_window()
+        _register_atexit()
+        self._dispatcher.start()
+        weakref.finalize(self, self._dispatcher.release)
+
+    @property
+    def _broken(self) -> bool | str:
+        return self._dispatcher.broken
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RayxFuture:
+        """Schedule fn(*args, **kwargs) as a rayx task; returns its future at once."""
+        with self._shutdown_lock:
+            if self._dispatcher.broken:
+                raise BrokenRayxExecutor(self._dispatcher.broken)
+            if self._shutdown_thread:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if _global_shutdown:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            future = RayxFuture()
+            self._dispatcher.submit(_WorkItem(future, fn, args, kwargs))
+            return future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
+        """Like map(fn, *iterables), in order; `chunksize` items per task, lazy with buffersize."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return _map(self, _store_once(fn), zip(*iterables, strict=False), timeout,
+                        buffersize)
+        chunks = _batched(zip(*iterables, strict=False), chunksize)
+        call_chunk = _store_once(functools.partial(_process_chunk, _by_reference(fn)),
+                                 f"{_call_name(fn)}[chunk]")
+        results = _map(self, call_chunk, zip(chunks, strict=False), timeout, buffersize)
+        return _chain_from_iterable_of_lists(results)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new calls; with wait, return once all calls ran (and an owned cluster stopped)."""
+        with self._shutdown_lock:
+            self._shutdown_thread = True
+            if cancel_futures:
+                for item in self._dispatcher.take_pending():
+                    item.future.cancel()
+            self._dispatcher.release()
+        if wait:
+            self._dispatcher.join()
+
+    def terminate_workers(self) -> None:
+        """Shut down now: drop queued calls and interrupt the tasks in flight (Python 3.14)."""
+        self._force_shutdown(operation=_TERMINATE)
+
+    def kill_workers(self) -> None:
+        """Shut down now: drop queued calls and kill the workers running calls (Python 3.14)."""
+        self._force_shutdown(operation=_KILL)
+
+    def _force_shutdown(self, operation: str) -> None:
+        if operation not in _SHUTDOWN_OPERATIONS:
+            raise ValueError(f"Unsupported operation: {operation!r}")
+        self._dispatcher.force_operation = operation
+        self.shutdown(wait=False, cancel_futures=True)
+        self._dispatcher.cancel_inflight(force=operation == _KILL)
+
+    # -- used by rayx_joblib
+
+    def _abort(self) -> None:
+        """Cancel every queued call and kill the tasks in flight; the executor stays usable."""
+        for item in self._dispatcher.take_pending():
+            item.future.cancel()
+        self._dispatcher.cancel_inflight(force=True)
+
+
+def _check_arguments(max_workers, initializer, max_tasks_per_child) -> None:
+    if max_workers is not None and max_workers <= 0:
+        raise ValueError("max_workers must be greater than 0")
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    if max_tasks_per_child is not None:
+        if not isinstance(max_tasks_per_child, int):
+            raise TypeError("max_tasks_per_child must be an integer")
+        if max_tasks_per_child <= 0:
+            raise ValueError("max_tasks_per_child must be >= 1")
+
+
+def _check_options(options: dict) -> None:
+    """Bad resources fail here, at construction, not on the first call."""
+    try:
+        _REMOTE_CALL.options(**options)
+    except (TypeError, ValueError) as exc:
+        if "max_calls" in options and "max_calls" in str(exc):
+            raise NotImplementedError(
+                "max_tasks_per_child needs rayx workers that retire after a number of tasks "
+                "(task option max_calls), which this rayx version lacks; leave "
+                "max_tasks_per_child=None") from exc
+        raise
+
+
+def _capacity(options: dict) -> int:
+    """How many calls of this shape the whole cluster can run at once (at least 1)."""
+    total = rayx.cluster_resources()
+    wanted = {"CPU": options["num_cpus"], "GPU": options["num_gpus"],
+              **(options["resources"] or {})}
+    fits = [total.get(name, 0.0) / amount for name, amount in wanted.items() if amount]
+    return max(1, int(min(fits))) if fits else max(1, int(total.get("CPU", 1)))
+
+
+def _batched(iterable: Iterable, n: int) -> Iterator[tuple]:
+    it = iter(iterable)
+    while chunk := tuple(itertools.islice(it, n)):
+        yield chunk
+
+
+def _chain_from_iterable_of_lists(iterable: Iterable[list]) -> Iterator[Any]:
+    for element in iterable:
+        element.reverse()
+        while element:
+            yield element.pop()
+
+
+def _result_or_cancel(fut: Future, timeout: float | None = None) -> Any:
+    try:
+        try:
+            return fut.result(timeout)
+        finally:
+            fut.cancel()
+    finally:
+        del fut  # break the cycle through the exception's traceback
+
+
+def _map(executor: RayxExecutor, fn: Callable, args_iter: Iterator[tuple],
+         timeout: float | None, buffersize: int | None) -> Iterator[Any]:
+    """Executor.map of Python 3.14: submit now (or `buffersize` ahead), yield in order."""
+    if buffersize is not None and not isinstance(buffersize, int):
+        raise TypeError("buffersize must be an integer or None")
+    if buffersize is not None and buffersize < 1:
+        raise ValueError("buffersize must be None or > 0")
+    end_time = None if timeout is None else timeout + time.monotonic()
+    if buffersize:
+        fs = collections.deque(executor.submit(fn, *args)
+                               for args in itertools.islice(args_iter, buffersize))
+    else:
+        fs = collections.deque(executor.submit(fn, *args) for args in args_iter)
+    executor_ref = weakref.ref(executor)
+
+    def result_iterator() -> Iterator[Any]:
+        try:
+            fs.reverse()
+            while fs:
+                if buffersize and (ex := executor_ref()) and (args := next(args_iter, None)):
+                    fs.appendleft(ex.submit(fn, *args))
+                if end_time is None:
+                    yield _result_or_cancel(fs.pop())
+                else:
+                    yield _result_or_cancel(fs.pop(), end_time - time.monotonic())
+        finally:
+            for future in fs:
+                future.cancel()
+
+    return result_iterator()
+
+
+__all__ = ["BrokenRayxExecutor", "RayxExecutor", "RayxFuture"]
