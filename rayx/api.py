@@ -8,8 +8,10 @@ In a worker, the worker sets its own CoreClient here (set_worker_core) and init(
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from rayx import cluster, rpc, serialization
@@ -141,6 +143,21 @@ def set_worker_core(c: CoreClient, worker) -> None:
 
 def worker():
     return _worker
+
+
+@contextlib.contextmanager
+def cpu_lent() -> Iterator[None]:
+    """Inside a worker, lend the running task's CPU back while this thread waits on other
+    work (as get() and wait() do), so nested parallelism cannot deadlock the node."""
+    hook = _core.blocked_hook if _worker is not None and _core is not None else None
+    if hook is None:
+        yield
+        return
+    hook(True)
+    try:
+        yield
+    finally:
+        hook(False)
 
 
 def _as_list(refs, what: str) -> tuple[list[ObjectRef], bool]:

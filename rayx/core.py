@@ -187,6 +187,13 @@ class CoreClient:
                 if entry is None or entry.owner_address == conn.peer:
                     self._fetched(oid, ("lost", "owner"))
 
+    def _forget_callback(self, oid: str, cb) -> None:
+        self.table.remove_callback(oid, cb)
+        with self._lock:
+            waiting = self._fetches.get(oid)
+            if waiting and cb in waiting:
+                waiting.remove(cb)
+
     def _fetched(self, oid: str, desc: tuple) -> None:
         with self._lock:
             cbs = self._fetches.pop(oid, [])
@@ -310,8 +317,9 @@ class CoreClient:
                     count[0] += 1
                     cond.notify_all()
 
-        for i, ref in enumerate(refs):
-            self._when_ready(ref.id, ref.owner_address, lambda d, i=i: mark(i))
+        callbacks = [lambda d, i=i: mark(i) for i in range(len(refs))]
+        for ref, cb in zip(refs, callbacks):
+            self._when_ready(ref.id, ref.owner_address, cb)
         deadline = None if timeout is None else time.monotonic() + timeout
         with cond:
             if count[0] < num_returns and self.blocked_hook is not None:
@@ -329,6 +337,9 @@ class CoreClient:
                 if blocked:
                     self.blocked_hook(False)
             flags = list(ready_flags)
+        for ref, cb, flag in zip(refs, callbacks, flags):
+            if not flag:  # repeated waits on pending refs must not pile up callbacks
+                self._forget_callback(ref.id, cb)
         ready = [r for r, f in zip(refs, flags) if f][:num_returns]
         chosen = {id(r) for r in ready}
         return ready, [r for r in refs if id(r) not in chosen]

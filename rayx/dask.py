@@ -378,18 +378,7 @@ def _cancel_unfinished(state: dict, refs: dict) -> None:
                 rayx.cancel(refs[key])
 
 
-@contextlib.contextmanager
-def _cpu_lent():
-    """Inside a rayx worker, lend the task's CPU back while this thread waits (as get() does)."""
-    hook = api.core().blocked_hook if api.worker() is not None else None
-    if hook is None:
-        yield
-        return
-    hook(True)
-    try:
-        yield
-    finally:
-        hook(False)
+_cpu_lent = api.cpu_lent
 
 
 def _nested_get(keys: Any, values: Mapping) -> Any:

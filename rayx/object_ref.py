@@ -23,6 +23,9 @@ class ObjectRef:
     def hex(self) -> str:
         return self.id
 
+    def __dask_tokenize__(self) -> str:
+        return self.id
+
     def __repr__(self) -> str:
         return f"ObjectRef({self.id})"
 

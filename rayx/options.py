@@ -9,7 +9,7 @@ from rayx.scheduler import validate_resources
 
 TASK_OPTIONS = {
     "num_cpus", "num_gpus", "resources", "memory", "num_returns", "max_retries",
-    "retry_exceptions", "scheduling_strategy", "name",
+    "retry_exceptions", "scheduling_strategy", "name", "max_calls",
 }
 ACTOR_OPTIONS = {
     "num_cpus", "num_gpus", "resources", "memory", "name", "lifetime", "max_concurrency",
@@ -44,6 +44,7 @@ def check_options(options: dict, allowed: set[str], what: str) -> dict:
                                          f"instead of resources={{'{reserved}': ...}}")
     _check_int(options, "num_returns", what, minimum=1)
     _check_int(options, "max_retries", what, minimum=-1)
+    _check_int(options, "max_calls", what, minimum=0)
     _check_int(options, "max_restarts", what, minimum=-1)
     _check_int(options, "max_task_retries", what, minimum=-1)
     _check_int(options, "max_concurrency", what, minimum=1)

@@ -122,6 +122,15 @@ class OwnershipTable:
             e.callbacks.append(cb)
             return None
 
+    def remove_callback(self, oid: str, cb: Callable) -> None:
+        """Forget a callback that is no longer wanted (a wait() that timed out)."""
+        with self.lock:
+            e = self.entries.get(oid)
+            if e is not None and e.callbacks and cb in e.callbacks:
+                e.callbacks.remove(cb)
+                if not e.callbacks:
+                    e.callbacks = None
+
     def get(self, oid: str) -> Entry | None:
         return self.entries.get(oid)
 

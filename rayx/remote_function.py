@@ -34,7 +34,7 @@ class RemoteFunction:
         check_options(options, TASK_OPTIONS, f"remote function {self._name}")
         return _OptionsBound(self, {**self._options, **options})
 
-    def remote(self, *args, **kwargs):
+    def remote(self, /, *args, **kwargs):
         return self._submit(args, kwargs, self._options)
 
     def _submit(self, args, kwargs, options: dict):
@@ -52,7 +52,7 @@ class RemoteFunction:
             fn_bytes=self._fn_bytes, resources=resource_request(options, 1.0),
             max_retries=_retries(options.get("max_retries"), 3),
             retry_exceptions=_retry_exc(options.get("retry_exceptions")),
-            strategy=strategy, node_affinity=affinity)
+            strategy=strategy, node_affinity=affinity, max_calls=options.get("max_calls") or 0)
         refs = core.submit(spec, deps)
         return refs[0] if num_returns == 1 else refs
 
@@ -61,7 +61,7 @@ class _OptionsBound:
     def __init__(self, fn: RemoteFunction, options: dict):
         self._fn, self._options = fn, options
 
-    def remote(self, *args, **kwargs):
+    def remote(self, /, *args, **kwargs):
         return self._fn._submit(args, kwargs, self._options)
 
 

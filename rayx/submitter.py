@@ -191,6 +191,9 @@ class TaskSubmitter:
         if msg[0] == "log":
             echo_output(msg[1], msg[2])
             return
+        if msg[0] == "retire":
+            self._retired(conn.peer)
+            return
         if msg[0] != "done":
             return
         lease: Lease = conn.peer
@@ -208,6 +211,20 @@ class TaskSubmitter:
                 if lease in sq.leases:
                     self._pump(key, sq)
                     break
+
+    def _retired(self, lease: Lease) -> None:
+        """The worker reached max_calls and exits: resend what it had not run, elsewhere."""
+        with self.lock:
+            sq = next((s for s in self.shapes.values() if lease in s.leases), None)
+            if sq is not None:
+                sq.leases.remove(lease)
+            unrun = list(lease.inflight.values())
+            lease.inflight.clear()
+        lease.conn.on_close = None
+        lease.conn.close()
+        self._return(lease, dead=True)
+        for spec in unrun:
+            self.submit(spec)
 
     def _retry_on_error(self, spec: TaskSpec, desc: tuple) -> bool:
         if not spec.retry_exceptions or spec.attempt >= spec.max_retries:

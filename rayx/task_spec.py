@@ -35,6 +35,7 @@ class TaskSpec:
     strategy: str = "DEFAULT"
     node_affinity: str = ""
     attempt: int = 0
+    max_calls: int = 0  # the worker retires after running this function that many times
 
 
 @dataclass(slots=True)

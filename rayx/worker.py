@@ -36,6 +36,7 @@ class Worker:
         self.settings = load_settings()
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
         self.functions: dict[str, object] = {}
+        self.calls: dict[str, int] = {}  # function id -> runs, for max_calls
         self.cancelled: set[str] = set()
         self.current: TaskSpec | None = None
         self.in_user_code = False
@@ -120,6 +121,20 @@ class Worker:
             conn.send(("done", spec.task_id, descs))
         except ConnectionError:
             pass  # the owner is gone; its objects go with it
+        if spec.max_calls and not spec.actor_id:
+            self.calls[spec.fn_id] = self.calls.get(spec.fn_id, 0) + 1
+            if self.calls[spec.fn_id] >= spec.max_calls:
+                self._retire(conn)
+
+    def _retire(self, conn: wire.Connection) -> None:
+        """max_calls reached: tell the owner to resend what it queued here, then exit."""
+        try:
+            conn.send(("retire",))
+        except ConnectionError:
+            pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     def _run(self, spec: TaskSpec) -> list:
         threaded = self.actor_pool is not None

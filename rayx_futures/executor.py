@@ -114,18 +114,7 @@ def _in_worker() -> bool:
     return api.worker() is not None
 
 
-@contextlib.contextmanager
-def _cpu_lent() -> Iterator[None]:
-    """Inside a rayx worker, hand the task's CPU back while this thread blocks (as get() does)."""
-    hook = api.core().blocked_hook if _in_worker() else None
-    if hook is None:
-        yield
-        return
-    hook(True)
-    try:
-        yield
-    finally:
-        hook(False)
+_cpu_lent = api.cpu_lent
 
 
 class RayxFuture(Future):
@@ -599,15 +588,7 @@ def _check_arguments(max_workers, initializer, max_tasks_per_child) -> None:
 
 def _check_options(options: dict) -> None:
     """Bad resources fail here, at construction, not on the first call."""
-    try:
-        _REMOTE_CALL.options(**options)
-    except (TypeError, ValueError) as exc:
-        if "max_calls" in options and "max_calls" in str(exc):
-            raise NotImplementedError(
-                "max_tasks_per_child needs rayx workers that retire after a number of tasks "
-                "(task option max_calls), which this rayx version lacks; leave "
-                "max_tasks_per_child=None") from exc
-        raise
+    _REMOTE_CALL.options(**options)
 
 
 def _capacity(options: dict) -> int:

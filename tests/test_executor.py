@@ -333,8 +333,6 @@ def test_failing_initializer_breaks_the_executor(rayx_cluster, caplog):
     assert any("ValueError: error in initializer" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                   reason="needs a per-task max_calls option in the rayx core")
 def test_max_tasks_per_child_retires_workers(rayx_cluster):
     with RayxExecutor(1, max_tasks_per_child=3) as ex:
         pids = [ex.submit(os.getpid).result() for _ in range(4)]

@@ -160,3 +160,27 @@ def test_api_before_init_starts_a_local_cluster():
     finally:
         rayx.shutdown()
     assert not rayx.is_initialized()
+
+
+def test_max_calls_retires_the_worker(rayx_cluster):
+    @rayx.remote(max_calls=2)
+    def whoami(i):
+        return os.getpid()
+
+    pids = [rayx.get(whoami.remote(i)) for i in range(4)]
+    assert pids[0] == pids[1] != pids[2] == pids[3]
+    pipelined = rayx.get([whoami.remote(i) for i in range(20)])  # none lost or run twice
+    assert len(pipelined) == 20
+    from collections import Counter
+    assert max(Counter(pipelined).values()) <= 2
+
+
+def test_repeated_waits_leave_no_callbacks_behind(rayx_cluster):
+    from rayx import api
+
+    ref = sleep_then.remote(5, "done")
+    for _ in range(50):
+        rayx.wait([ref], timeout=0)
+    entry = api.core().table.get(ref.id)
+    assert not entry.callbacks
+    rayx.cancel(ref)
