@@ -8,7 +8,8 @@
     worker connection lost -> retry its tasks (max_retries) or fail with WorkerCrashedError
 
 While the node still grants leases, each worker gets one task at a time so work spreads; once
-the node is saturated (it answered RETRY), up to max_tasks_in_flight_per_worker are pipelined.
+the node is saturated (it answered RETRY) and tasks of this shape take under PIPELINE_BELOW,
+up to max_tasks_in_flight_per_worker are pipelined.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ class ShapeQueue:
     retry_scheduled: bool = False
     saturated: bool = False
     backoff: float = 0.002
+    task_time: float | None = None  # moving average of push-to-done time, seconds
+
+
+# Pipelining several tasks onto one worker pays only for short tasks; for long ones it would
+# queue work behind a busy worker while another node frees up.
+PIPELINE_BELOW = 0.002  # seconds
 
 
 def echo_output(text: str, err: bool) -> None:
@@ -91,13 +98,16 @@ class TaskSubmitter:
 
     def _pump(self, key: tuple, sq: ShapeQueue) -> None:
         """Push queued tasks to leases with room; ask for a lease if work is left. Lock held."""
-        cap = self.core.settings.max_tasks_in_flight_per_worker if sq.saturated else 1
+        cap = 1
+        if sq.saturated and sq.task_time is not None and sq.task_time < PIPELINE_BELOW:
+            cap = self.core.settings.max_tasks_in_flight_per_worker
         while sq.queue and sq.leases:
             lease = min(sq.leases, key=lambda le: len(le.inflight))
             if len(lease.inflight) >= cap:
                 break
             spec = sq.queue.popleft()
             spec.gpu_ids = lease.gpu_ids
+            spec.sent_at = time.monotonic()
             lease.inflight[spec.task_id] = spec
             try:
                 lease.conn.send(("task", spec))
@@ -201,6 +211,7 @@ class TaskSubmitter:
             spec = lease.inflight.pop(msg[1], None)
         if spec is None:
             return
+        took = time.monotonic() - spec.sent_at
         descs = msg[2]
         if descs[0][0] == "e" and self._retry_on_error(spec, descs[0]):
             self.submit(spec)
@@ -209,6 +220,8 @@ class TaskSubmitter:
         with self.lock:
             for key, sq in self.shapes.items():
                 if lease in sq.leases:
+                    sq.task_time = took if sq.task_time is None else (
+                        0.8 * sq.task_time + 0.2 * took)
                     self._pump(key, sq)
                     break
 

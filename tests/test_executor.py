@@ -322,7 +322,13 @@ def test_initializer_runs_in_each_worker_first(rayx_cluster):
 def test_failing_initializer_breaks_the_executor(rayx_cluster, caplog):
     with caplog.at_level(logging.CRITICAL, logger="concurrent.futures"):
         ex = RayxExecutor(max_workers=2, initializer=failing_initializer)
-        futures = [ex.submit(mul, 1, 2) for _ in range(5)]
+        futures = []
+        for _ in range(5):  # the executor may break before the last submit, which then raises
+            try:
+                futures.append(ex.submit(mul, 1, 2))
+            except cf.BrokenExecutor:
+                break
+        assert futures
         for future in futures:
             with pytest.raises(cf.BrokenExecutor):
                 future.result(timeout=30)
