@@ -71,18 +71,9 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         n = self.settings.prestart_workers
         n = int(self.pool.total.get("CPU", 1)) if n is None else n
         for _ in range(max(0, n)):
-            self._prestart()
+            self.workers.start_worker(prestart=True)
         self._watcher.start()
         return self
-
-    def _prestart(self) -> None:
-        rec = self.workers.start_worker()
-
-        def wait():
-            if rec.ready.wait(self.settings.start_timeout) and rec.state == "idle":
-                self.workers.put_idle(rec)
-
-        threading.Thread(target=wait, name="rayx-prestart", daemon=True).start()
 
     def _info(self) -> pb.NodeInfo:
         with self.lock:
@@ -121,7 +112,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
                 for k, v in need.items():
                     self.demand[k] = self.demand.get(k, 0.0) + v
             return pb.LeaseReply(status="RETRY")
-        rec = self.workers.take_idle() or self._new_worker()
+        rec = self.workers.take_idle(self.settings.start_timeout) or self._new_worker()
         if rec is None:
             with self.lock:
                 self.pool.release(alloc)
@@ -247,7 +238,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
             alloc = self.pool.acquire(need)
         if alloc is None:
             return pb.StartActorReply(ok=False, error="RETRY")
-        rec = self.workers.take_idle() or self._new_worker()
+        rec = self.workers.take_idle(self.settings.start_timeout) or self._new_worker()
         if rec is None:
             with self.lock:
                 self.pool.release(alloc)

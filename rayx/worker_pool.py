@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 from rayx import ids, wire
@@ -32,6 +33,7 @@ class WorkerRecord:
     lease_id: str = ""
     lent_cpus: float = 0.0
     actor_id: str = ""
+    prestarted: bool = False  # started ahead of demand: joins the idle pool when it registers
     ready: threading.Event = field(default_factory=threading.Event)
     reply: object = None  # the worker's answer to a create_actor
 
@@ -45,6 +47,7 @@ class WorkerPool:
         self.workers: dict[str, WorkerRecord] = {}
         self.idle: list[WorkerRecord] = []
         self.lock = threading.Lock()
+        self.idle_cond = threading.Condition(self.lock)
         sock = socket_path(session_dir, f"nm-{worker_config['node_id'][:12]}.sock")
         self.listener = wire.Listener(f"unix:{sock}", worker_config["token"], self._on_message,
                                       self._on_closed).start()
@@ -54,8 +57,8 @@ class WorkerPool:
             stdin=subprocess.PIPE, stdout=stdout, stderr=stdout, start_new_session=False)
         self._stopped = False
 
-    def start_worker(self) -> WorkerRecord:
-        rec = WorkerRecord(ids.new_id())
+    def start_worker(self, prestart: bool = False) -> WorkerRecord:
+        rec = WorkerRecord(ids.new_id(), prestarted=prestart)
         with self.lock:
             self.workers[rec.worker_id] = rec
         try:
@@ -78,6 +81,9 @@ class WorkerPool:
                 conn.peer = rec
                 if rec.state == "starting":
                     rec.state = "idle"
+                    if rec.prestarted:
+                        self.idle.append(rec)
+                        self.idle_cond.notify()
             rec.ready.set()
         elif kind == "actor_created":
             rec = conn.peer
@@ -92,24 +98,34 @@ class WorkerPool:
             self.workers.pop(rec.worker_id, None)
             if rec in self.idle:
                 self.idle.remove(rec)
-        rec.state = "dead"
+            rec.state = "dead"
+            self.idle_cond.notify_all()
         rec.ready.set()
         if not self._stopped:
             self.on_death(rec)
 
-    def take_idle(self) -> WorkerRecord | None:
+    def take_idle(self, timeout: float) -> WorkerRecord | None:
+        """An idle worker; waits for a prestarted one still starting rather than fork more."""
+        deadline = time.monotonic() + timeout
         with self.lock:
-            while self.idle:
-                rec = self.idle.pop()
-                if rec.state == "idle":
-                    return rec
-        return None
+            while True:
+                while self.idle:
+                    rec = self.idle.pop()
+                    if rec.state == "idle":
+                        return rec
+                starting = any(r.prestarted and r.state == "starting"
+                               for r in self.workers.values())
+                left = deadline - time.monotonic()
+                if not starting or left <= 0:
+                    return None
+                self.idle_cond.wait(left)
 
     def put_idle(self, rec: WorkerRecord) -> None:
         with self.lock:
             if rec.state != "dead" and rec.worker_id in self.workers:
                 rec.state = "idle"
                 self.idle.append(rec)
+                self.idle_cond.notify()
 
     def get(self, worker_id: str) -> WorkerRecord | None:
         return self.workers.get(worker_id)
@@ -140,7 +156,6 @@ class WorkerPool:
 
 
 def _wait_gone(pid: int, timeout: float = 5.0) -> None:
-    import time
     deadline = time.monotonic() + timeout
     while pid and time.monotonic() < deadline:
         try:
