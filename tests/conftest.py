@@ -17,12 +17,17 @@ import rayx
 SHM = "/dev/shm"
 
 
-def rayx_processes() -> list[psutil.Process]:
-    """Node, fork-server and worker processes of rayx on this machine (ours or strays)."""
+def rayx_processes(containing: str = "") -> list[psutil.Process]:
+    """Node, fork-server and worker processes of rayx on this machine (ours or strays).
+
+    With `containing`, only those whose command line holds that text (a session directory).
+    The command line is read once, by process_iter, so a process that exits meanwhile is
+    skipped instead of raising.
+    """
     found = []
     for p in psutil.process_iter(["cmdline", "pid"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "rayx.node_main" in cmd or "rayx.fork_server" in cmd:
+        if ("rayx.node_main" in cmd or "rayx.fork_server" in cmd) and containing in cmd:
             found.append(p)
     return found
 

@@ -70,9 +70,7 @@ def test_start_status_submit_stop_on_this_host(tmp_path):
     finally:
         stopped = _rayx(["stop"], env)
     assert "stopped 2" in stopped.stdout
-    wait_for(lambda: not [p for p in rayx_processes()
-                          if str(tmp_path) in " ".join(p.cmdline())], 15,
-             what="rayx stop to end every node")
+    wait_for(lambda: not rayx_processes(str(tmp_path)), 15, what="rayx stop to end every node")
 
 
 def test_start_block_stays_in_the_foreground_until_stop(tmp_path):
@@ -162,8 +160,7 @@ def test_cluster_across_two_network_namespaces(two_hosts, tmp_path):
         assert f"CROSS 1000000.0 2000000.0 ['{IP_A}', '{IP_B}']" in out.stdout
     finally:
         _rayx(["stop"], env)
-    wait_for(lambda: not [p for p in rayx_processes() if str(tmp_path) in " ".join(p.cmdline())],
-             15, what="both nodes to stop")
+    wait_for(lambda: not rayx_processes(str(tmp_path)), 15, what="both nodes to stop")
 
 
 def test_tls_cluster(tmp_path):

@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _session_processes(session_dir: str) -> list[psutil.Process]:
-    return [p for p in rayx_processes() if session_dir in " ".join(p.cmdline())]
+    return rayx_processes(session_dir)
 
 
 def _run_driver(code: str) -> subprocess.Popen:
