@@ -10,6 +10,7 @@ socket round trip costs a fraction of a Python gRPC unary call (docs/performance
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import pickle
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 _LEN = struct.Struct("<I")
 _BIG = 0xFFFFFFFF
 _BIGLEN = struct.Struct("<Q")
+_HELLO = b"RXH1"  # the first frame of a connection: these bytes and the token, never pickled
+_HELLO_MAX = 4096  # a longer first frame is refused before it is read
 
 
 def parse_address(address: str) -> tuple[int, object]:
@@ -41,7 +44,7 @@ class Connection:
     def __init__(self, sock: socket.socket, handler: Callable, on_close: Callable | None = None,
                  name: str = "rayx-conn", expect_token: str | None = None):
         self.sock = sock
-        self.expect_token = expect_token  # accepted connections must say ("hello", token) first
+        self.expect_token = expect_token  # accepted connections must send the hello frame first
         self.handler = handler
         self.on_close = on_close
         self.closed = False
@@ -56,7 +59,9 @@ class Connection:
 
     def send(self, msg) -> None:
         """Send one message; raises ConnectionError if the peer is gone."""
-        data = pickle.dumps(msg, protocol=5)
+        self._send_frame(pickle.dumps(msg, protocol=5))
+
+    def _send_frame(self, data: bytes) -> None:
         n = len(data)
         head = _LEN.pack(n) if n < _BIG else _LEN.pack(_BIG) + _BIGLEN.pack(n)
         with self._send_lock:
@@ -79,24 +84,29 @@ class Connection:
                 if len(head) < 4:
                     break
                 (n,) = _LEN.unpack(head)
+                if self.expect_token is not None:  # nothing is unpickled before the token
+                    if not self._authenticate(f.read(n) if n <= _HELLO_MAX else b""):
+                        log.warning("refused a connection: missing or wrong cluster token")
+                        break
+                    continue
                 if n == _BIG:
                     (n,) = _BIGLEN.unpack(f.read(8))
                 data = f.read(n)
                 if len(data) < n:
                     break
-                msg = pickle.loads(data)
-                if self.expect_token is not None:
-                    if msg != ("hello", self.expect_token):
-                        log.warning("refused a connection: missing or wrong cluster token")
-                        break
-                    self.expect_token = None
-                    continue
-                self.handler(self, msg)
+                self.handler(self, pickle.loads(data))
         except (OSError, ValueError, EOFError):
             pass
         finally:
             f.close()
             self.close()
+
+    def _authenticate(self, frame: bytes) -> bool:
+        expected = _HELLO + self.expect_token.encode()
+        if not hmac.compare_digest(frame, expected):
+            return False
+        self.expect_token = None
+        return True
 
     def close(self) -> None:
         """Close the socket; the on_close callback runs once, from whichever thread gets here."""
@@ -128,7 +138,7 @@ def connect(address: str, token: str, handler: Callable, on_close: Callable | No
     if family == socket.AF_INET:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn = Connection(sock, handler, on_close, name=f"rayx-conn-{address}")
-    conn.send(("hello", token))
+    conn._send_frame(_HELLO + token.encode())
     return conn.start()
 
 
