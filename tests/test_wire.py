@@ -24,7 +24,8 @@ class _Touch:
 
 
 def _listener(received: list) -> wire.Listener:
-    return wire.Listener("tcp:127.0.0.1:0", "secret", lambda conn, msg: received.append(msg)).start()
+    handler = lambda conn, msg: received.append(msg)  # noqa: E731
+    return wire.Listener("tcp:127.0.0.1:0", "secret", handler).start()
 
 
 def _raw_send(sock: socket.socket, data: bytes) -> None:
