@@ -1,7 +1,8 @@
 """Actor calls: straight from caller to the actor's worker, in order per caller.
 
-    handle.m.remote() -> ActorSubmitter.submit(spec)
-        actor address unknown --> queue; head.GetActor(wait_alive) --> connect --> flush queue
+    handle.m.remote() -> ActorSubmitter.submit(spec) -- queued at once, in call order
+        argument refs pending --> held in the queue until args_ready(spec); later calls wait
+        actor address unknown --> head.GetActor(wait_alive) --> connect --> flush queue
         connected ------------> ("actor_call", spec) on the one connection to that actor
     ("done", task_id, descs) <- worker
     connection lost --> calls in flight retried after restart (max_task_retries) or failed with
@@ -27,6 +28,7 @@ class ActorConn:
     conn: wire.Connection | None = None
     queue: deque = field(default_factory=deque)
     inflight: dict = field(default_factory=dict)
+    waiting: set = field(default_factory=set)  # queued task ids whose arguments are pending
     resolving: bool = False
     dead: str = ""  # why the actor is dead, once it is
 
@@ -40,22 +42,48 @@ class ActorSubmitter:
         self.lock = threading.Lock()
         self.closed = False
 
-    def submit(self, spec: TaskSpec) -> None:
+    def submit(self, spec: TaskSpec, args_pending: bool = False) -> bool:
+        """Queue a call in call order; with args_pending it is held until args_ready(spec).
+        Returns False when the actor is known dead: the call failed at once."""
         with self.lock:
             ac = self.actors.get(spec.actor_id)
             if ac is None:
                 ac = self.actors[spec.actor_id] = ActorConn(spec.actor_id)
-            if ac.dead:
-                dead = ac.dead
-            else:
-                dead = ""
-                if ac.conn is not None and not ac.queue:
-                    self._send(ac, spec)
-                else:
-                    ac.queue.append(spec)
-                    self._resolve(ac)
+            dead = ac.dead
+            if not dead:
+                if args_pending:
+                    ac.waiting.add(spec.task_id)
+                ac.queue.append(spec)
+                self._flush(ac)
         if dead:
             self.core.fail_task(spec, ActorDiedError(dead))
+        return not dead
+
+    def args_ready(self, spec: TaskSpec) -> None:
+        """The call's argument refs are resolved: it may go once the calls before it went."""
+        with self.lock:
+            ac = self.actors[spec.actor_id]
+            ac.waiting.discard(spec.task_id)
+            self._flush(ac)
+
+    def drop(self, spec: TaskSpec) -> None:
+        """The call will never be sent (an argument failed): let the calls after it go."""
+        with self.lock:
+            ac = self.actors[spec.actor_id]
+            ac.waiting.discard(spec.task_id)
+            if spec in ac.queue:
+                ac.queue.remove(spec)
+            self._flush(ac)
+
+    def _flush(self, ac: ActorConn) -> None:
+        """Send queued calls in order, up to the first one still waiting for arguments. Lock
+        held. Without a connection, ask where the actor lives."""
+        if ac.conn is None:
+            if ac.queue:
+                self._resolve(ac)
+            return
+        while ac.queue and ac.queue[0].task_id not in ac.waiting:
+            self._send(ac, ac.queue.popleft())
 
     def _send(self, ac: ActorConn, spec: TaskSpec) -> None:
         ac.inflight[spec.task_id] = spec
@@ -92,8 +120,7 @@ class ActorSubmitter:
             ac.resolving = False
             if conn is not None:
                 ac.conn = conn
-                while ac.queue:
-                    self._send(ac, ac.queue.popleft())
+                self._flush(ac)
                 return
             if state != "DEAD":
                 self._resolve(ac)
@@ -101,6 +128,7 @@ class ActorSubmitter:
             ac.dead = cause or "the actor is dead"
             failed = list(ac.queue)
             ac.queue.clear()
+            ac.waiting.clear()
         for spec in failed:
             self.core.fail_task(spec, ActorDiedError(ac.dead))
 
@@ -140,6 +168,8 @@ class ActorSubmitter:
             queued = ac is not None and spec in ac.queue
             if queued:
                 ac.queue.remove(spec)
+                ac.waiting.discard(spec.task_id)
+                self._flush(ac)
         if queued:
             self.core.fail_task(spec, TaskCancelledError(f"call {spec.name} was cancelled"))
         elif ac is not None and ac.conn is not None:

@@ -352,17 +352,17 @@ class CoreClient:
             self.table.add_owned(rid, self.address, lineage=spec)
         refs = [self.new_ref(rid) for rid in spec.return_ids]
         self.table.pin(d.id for d in deps)
-        self._resolve_then(spec, deps, self._dispatch)
+        if spec.actor_id:  # queued now, so calls keep their order while arguments resolve
+            if self.actors.submit(spec, args_pending=bool(deps)) and deps:
+                self._resolve_then(spec, deps, self.actors.args_ready, self.actors.drop)
+        else:
+            self._resolve_then(spec, deps, self.submitter.submit)
         return refs
 
-    def _dispatch(self, spec: TaskSpec) -> None:
-        if spec.actor_id:
-            self.actors.submit(spec)
-        else:
-            self.submitter.submit(spec)
-
-    def _resolve_then(self, spec: TaskSpec, deps: list[ObjectRef], then) -> None:
-        """Fill each top-level ref argument with its descriptor, then call then(spec)."""
+    def _resolve_then(self, spec: TaskSpec, deps: list[ObjectRef], then,
+                      on_failed=None) -> None:
+        """Fill each top-level ref argument with its descriptor, then call then(spec); if an
+        argument failed, call on_failed(spec) and fail the task with that error instead."""
         slots = [a for a in spec.args if a[0] == "r"] + [
             a for a in spec.kwargs.values() if a[0] == "r"]
         if not slots:
@@ -379,6 +379,8 @@ class CoreClient:
             if last:
                 failed = next((s[3] for s in slots if s[3][0] in ("e", "lost")), None)
                 if failed is not None:  # a dependency failed: so does this task, with its error
+                    if on_failed is not None:
+                        on_failed(spec)
                     self.finish_task(spec, [_dep_error(failed, spec)] * len(spec.return_ids))
                 else:
                     then(spec)

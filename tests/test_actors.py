@@ -236,3 +236,32 @@ def test_slow_constructor_does_not_hold_up_other_actors(rayx_cluster):
     assert rayx.get(Quick.remote().ping.remote(), timeout=20) == "quick"
     assert time.monotonic() - t0 < 4
     assert rayx.get(slow.ping.remote(), timeout=20) == "slow"
+
+
+def test_calls_keep_their_order_while_an_argument_is_pending(rayx_cluster):
+    @rayx.remote
+    def slow(x):
+        time.sleep(0.5)
+        return x
+
+    @rayx.remote
+    def broken():
+        raise ValueError("no value")
+
+    @rayx.remote
+    class Log:
+        def __init__(self):
+            self.seen = []
+
+        def add(self, x):
+            self.seen.append(x)
+            return list(self.seen)
+
+    log = Log.remote()
+    first = log.add.remote(slow.remote(1))      # waits for its argument...
+    failed = log.add.remote(broken.remote())    # ...this one's argument fails...
+    last = log.add.remote(2)                    # ...and this one must not overtake either
+    assert rayx.get(last) == [1, 2]
+    assert rayx.get(first) == [1]
+    with pytest.raises(ValueError):
+        rayx.get(failed)
