@@ -277,13 +277,12 @@ def _sum(maps) -> dict[str, float]:
     return out
 
 
-def get_gpu_ids() -> list[int]:
-    """GPU ids given to the running task or actor (in the driver: those it can see)."""
-    w = _worker
-    if w is not None:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        return [int(x) for x in visible.split(",") if x.strip()]
-    return list(range(cluster.detect_gpus()))
+def get_gpu_ids() -> list[int | str]:
+    """The GPUs given to the running task or actor, as CUDA_VISIBLE_DEVICES names them (ints,
+    or UUID strings); in the driver, the GPUs it can see."""
+    if _worker is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        return []  # a node without GPUs
+    return [int(d) if d.isdigit() else d for d in cluster.visible_gpu_devices()]
 
 
 class RuntimeContext:

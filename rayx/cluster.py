@@ -7,6 +7,7 @@ directories. Shared-memory objects live in settings.shm_dir/rayx-<session>-<node
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -57,19 +58,41 @@ def new_session(settings: Settings, token: str | None = None) -> Session:
     return Session(name, path, token)
 
 
-def detect_gpus() -> int:
-    """GPUs visible to this process: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's count."""
+def visible_gpu_devices() -> list[str]:
+    """The GPU devices this process may use, as CUDA names them: CUDA_VISIBLE_DEVICES when set
+    (ids or UUIDs; empty, "-1" or "NoDevFiles" mean none), else nvidia-smi's list."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip()])
+        devices = []
+        for d in (d.strip() for d in visible.split(",")):
+            if not d or d == "NoDevFiles" or d.startswith("-"):
+                break  # CUDA ignores this entry and every one after it
+            devices.append(d)
+        return devices
     smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return 0
+    return [] if smi is None else list(_smi_devices(smi))
+
+
+@functools.lru_cache(maxsize=4)
+def _smi_devices(smi: str) -> tuple[str, ...]:
+    """Device ids from `nvidia-smi -L`, read once per process (it takes a fraction of a second)."""
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        return ()
+    return tuple(str(i) for i in range(sum(1 for ln in out.splitlines() if ln.startswith("GPU "))))
+
+
+def detect_gpus() -> int:
+    """How many GPUs this process may use (see visible_gpu_devices)."""
+    return len(visible_gpu_devices())
+
+
+def gpu_devices_for(num_gpus: int) -> list[str]:
+    """The device names behind a node's GPU ids 0..num_gpus-1: the visible devices in order,
+    or plain ids when more GPUs are declared than are visible (virtual GPUs, for tests)."""
+    visible = visible_gpu_devices() if num_gpus else []
+    return visible[:num_gpus] if len(visible) >= num_gpus else [str(i) for i in range(num_gpus)]
 
 
 def default_store_memory(settings: Settings) -> int:
@@ -103,6 +126,7 @@ def start_node(session: Session, settings: Settings, *, head: bool, head_address
     config = dict(session_dir=session.dir, session_name=session.name, node_id=node_id,
                   token=session.token, head=head, head_address=head_address,
                   resources=resources, num_gpus=num_gpus,
+                  gpu_devices=gpu_devices_for(num_gpus),
                   object_store_memory=object_store_memory, driver_pid=driver_pid, host=host,
                   port=port, forward_output=log_to_file, **(extra or {}))
     env = dict(os.environ, **settings_to_env(settings))

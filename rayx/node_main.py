@@ -41,7 +41,8 @@ def run(config: dict) -> None:
     try:
         node = NodeManager(node_id=node_id, address=address, head_address=head_address,
                            token=token, session_dir=session_dir, resources=config["resources"],
-                           num_gpus=int(config.get("num_gpus", 0)), store=store,
+                           num_gpus=int(config.get("num_gpus", 0)),
+                           gpu_devices=config.get("gpu_devices"), store=store,
                            settings=settings, driver_pid=int(config.get("driver_pid", 0)),
                            forward_output=bool(config.get("forward_output")))
     except BaseException:

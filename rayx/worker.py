@@ -199,8 +199,9 @@ class Worker:
 
     def _set_env(self, spec: TaskSpec) -> None:
         env = os.environ
-        if self.config.get("num_gpus", 0) > 0 or spec.gpu_ids:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_ids)
+        if self.config.get("num_gpus", 0) > 0 or spec.gpu_ids:  # the node's ids -> devices
+            devices = self.config["gpu_devices"]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[i] for i in spec.gpu_ids)
         cpus = spec.resources.get("CPU", 0.0)
         threads = str(max(1, int(cpus)))
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
