@@ -16,6 +16,10 @@ from rayx.api import (
     init,
     is_initialized,
     kill,
+    kv_delete,
+    kv_get,
+    kv_keys,
+    kv_put,
     nodes,
     put,
     shutdown,
@@ -46,6 +50,6 @@ def _make_remote(target, options: dict):
 __all__ = [
     "ActorClass", "ActorHandle", "NodeAffinitySchedulingStrategy", "ObjectRef", "RemoteFunction",
     "available_resources", "cancel", "cluster_resources", "exceptions", "get", "get_actor",
-    "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes",
-    "put", "remote", "shutdown", "wait",
+    "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "kill", "kv_delete", "kv_get",
+    "kv_keys", "kv_put", "method", "nodes", "put", "remote", "shutdown", "wait",
 ]

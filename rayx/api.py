@@ -61,6 +61,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         else:
             _core, _node = _start_local(conf, num_cpus, num_gpus, resources,
                                         object_store_memory)
+        _start_job(_core)
         return _info()
 
 
@@ -115,6 +116,7 @@ def shutdown() -> None:
         core, node, private = _core, _node, _private_dir
         _core = _node = _private_dir = None
     if core is not None:
+        _finish_job(core, "SUCCEEDED")
         core.close()
     if node is not None:
         cluster.stop_node(node)
@@ -315,5 +317,86 @@ def get_runtime_context() -> RuntimeContext:
 
 
 atexit.register(shutdown)
+
+
+# ---------------------------------------------------------------------- jobs and KV
+
+_job_id: str | None = None  # this driver's job at the head, from init() to shutdown()
+
+
+def _start_job(c: CoreClient) -> None:
+    """Register this driver's job with the head (init() calls this)."""
+    global _job_id
+    import shlex
+    import socket
+    import sys
+    import time
+    argv = [a for a in sys.argv if a is not None]
+    entry = "python " + shlex.join(argv) if argv and argv[0] else "python (interactive)"
+    try:
+        job = c.head.RegisterJob(pb.JobInfo(
+            driver_id=c.client_id, driver_pid=os.getpid(), driver_host=socket.gethostname(),
+            entrypoint=entry, start_time=time.time(), node_id=c.node_id), timeout=10)
+    except Exception as exc:  # the driver still works; only `rayx status` misses its job
+        import logging
+        logging.getLogger(__name__).warning("could not register the job at the head: %s", exc)
+        return
+    _job_id = job.job_id
+
+
+def _finish_job(c: CoreClient, state: str, message: str = "") -> None:
+    global _job_id
+    job_id, _job_id = _job_id, None
+    if job_id is None or c.closed:
+        return
+    try:
+        c.head.FinishJob(pb.JobInfo(job_id=job_id, state=state, message=message), timeout=5)
+    except Exception:
+        pass  # the head is gone: nobody is left to tell
+
+
+def _finish_job_at_exit() -> None:
+    """At interpreter exit (before shutdown, atexit runs hooks last-in first-out): a driver
+    that ends with an uncaught exception fails its job."""
+    import sys
+    err = getattr(sys, "last_value", None)
+    c = _core
+    if err is not None and c is not None and _worker is None:
+        _finish_job(c, "FAILED", f"the driver raised {type(err).__name__}: {err}"[:1000])
+
+
+atexit.register(_finish_job_at_exit)
+
+
+def _check_key(key) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"KV keys are str, got {type(key).__name__}: {key!r}")
+    return key
+
+
+def kv_put(key: str, value: bytes) -> None:
+    """Store `value` under `key` in the head's key-value store (kept in head.db), replacing
+    what was there. Any process of the cluster can read it: drivers, tasks and actors."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"kv_put() stores bytes, got {type(value).__name__}; serialize the "
+                        "value first (e.g. pickle.dumps or json.dumps(...).encode())")
+    core().head.KvPut(pb.KvRequest(key=_check_key(key), value=bytes(value)))
+
+
+def kv_get(key: str) -> bytes | None:
+    """The bytes stored under `key`, or None when there is no such key."""
+    reply = core().head.KvGet(pb.KvRequest(key=_check_key(key)))
+    return reply.value if reply.found else None
+
+
+def kv_delete(key: str) -> bool:
+    """Remove `key`; True if it existed."""
+    return core().head.KvDel(pb.KvRequest(key=_check_key(key))).found
+
+
+def kv_keys(prefix: str = "") -> list[str]:
+    """The keys that start with `prefix` (all keys by default), sorted."""
+    return list(core().head.KvKeys(pb.KvKeysRequest(prefix=_check_key(prefix))).keys)
+
 
 __all__ = ["RayxError"]

@@ -3,7 +3,8 @@
     rayx start --head [--port 6380] ...     start the head node of a new cluster on this host
     rayx start --address HOST:PORT ...      start a node on this host that joins that cluster
     rayx stop                               stop every node `rayx start` started on this host
-    rayx status [--address HOST:PORT]       nodes, resources used and total, demand, dead nodes
+    rayx status [--address HOST:PORT]       nodes, resources used and total, demand, dead nodes;
+                                            jobs (drivers) with their state
     rayx submit script.py [-- args]         run a driver script against the cluster
 """
 
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--block", action="store_true",
                        help="stay in the foreground until stopped (Ctrl-C or rayx stop)")
     sub.add_parser("stop", help="stop every node started on this host by rayx start")
-    status = sub.add_parser("status", help="show the cluster's nodes and resources")
+    status = sub.add_parser("status", help="show the cluster's nodes, resources and jobs")
     status.add_argument("--address", default="auto", help="HOST:PORT of the head (default auto)")
     submit = sub.add_parser("submit", help="run a driver script against the cluster")
     submit.add_argument("--address", default="auto", help="HOST:PORT of the head (default auto)")
@@ -166,7 +167,23 @@ def cmd_status(args) -> int:
         demand = dict(n.pending_demand.amounts)
         if demand:
             print(f"        pending demand: {demand}")
+    _print_jobs(head.ListJobs(pb.Empty(), timeout=10).jobs)
     return 0
+
+
+def _print_jobs(jobs) -> None:
+    counts = {s: sum(j.state == s for j in jobs) for s in ("RUNNING", "SUCCEEDED", "FAILED")}
+    print(f"jobs: {counts['RUNNING']} running, {counts['SUCCEEDED']} succeeded, "
+          f"{counts['FAILED']} failed")
+    now = time.time()
+    for j in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time))
+        took = (j.end_time or now) - j.start_time
+        entry = j.entrypoint if len(j.entrypoint) <= 80 else "..." + j.entrypoint[-77:]
+        print(f"  {j.job_id} {j.state:9s} started {started} ({took:.1f} s) "
+              f"pid {j.driver_pid} on {j.driver_host}: {entry}")
+        if j.message:
+            print(f"        {j.message}")
 
 
 def cmd_submit(args) -> int:

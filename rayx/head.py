@@ -4,10 +4,12 @@
     callers --CreateActor--> actor directory --StartActor--> a node manager that fits
     callers --GetActor(wait_alive)--> address of the actor's worker
     node managers --ReportActorState(WORKER_DIED)--> restart (max_restarts) or DEAD
-    anyone --KvPut/KvGet/KvDel--> small key-value store
+    anyone --KvPut/KvGet/KvDel/KvKeys--> small key-value store
+    drivers --RegisterJob (init) / FinishJob (shutdown)--> job table; OwnerDied of a driver
+                                                           whose job still runs -> FAILED
 
 State persists in SQLite (head.db in the session directory), so a restarted head recovers its
-actors, names and KV entries. One background thread (the monitor) owns node liveness and actor
+actors, names, jobs and KV entries. One background thread (the monitor) owns node liveness and actor
 (re)scheduling, handing each start to a small pool of starter threads; stop() ends both.
 """
 
@@ -54,11 +56,13 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
         self.nodes: dict[str, NodeRecord] = {}
         self.actors: dict[str, ActorRecord] = {}
         self.names: dict[str, str] = {}
+        self.jobs: dict[str, pb.JobInfo] = {}  # job id -> job, in the order they started
         self.cond = threading.Condition()
         self.db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self.db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB)")
         self.db.execute("CREATE TABLE IF NOT EXISTS actors (id TEXT PRIMARY KEY, spec BLOB, "
                         "state TEXT, cause TEXT)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, info BLOB)")
         self._stubs: dict[str, object] = {}
         self._to_schedule: list[str] = []
         self._starting: set[str] = set()  # actors a starter thread is placing right now
@@ -83,6 +87,9 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
                 self.names[spec.name] = aid
             if rec.state != "DEAD":
                 self._to_schedule.append(aid)
+        for (info_bytes,) in self.db.execute("SELECT info FROM jobs ORDER BY rowid"):
+            job = pb.JobInfo.FromString(info_bytes)
+            self.jobs[job.job_id] = job
 
     def _persist(self, rec: ActorRecord) -> None:
         with self.cond:
@@ -205,7 +212,9 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
         return pb.Empty()
 
     def OwnerDied(self, request, context):
-        """The process that created some actors is gone: end those not created detached."""
+        """A driver or worker is gone: end its actors not created detached, and fail its job
+        if it was a driver that had not finished (killed, or exited without shutdown)."""
+        self._driver_gone(request.owner_id)
         for aid in self.actors_owned_by(request.owner_id):
             self.KillActor(pb.KillActorRequest(actor_id=aid, no_restart=True), context)
         return pb.Empty()
@@ -279,6 +288,51 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
         self._persist(rec)
         return True
 
+    # ------------------------------------------------------------------ jobs
+
+    def RegisterJob(self, request, context):
+        with self.cond:
+            job = pb.JobInfo()
+            job.CopyFrom(request)
+            job.job_id = f"{len(self.jobs) + 1:04d}"
+            job.state, job.end_time, job.message = "RUNNING", 0.0, ""
+            job.start_time = job.start_time or time.time()
+            self.jobs[job.job_id] = job
+            self._persist_job(job)
+        log.info("job %s started: driver pid %d on %s: %s", job.job_id, job.driver_pid,
+                 job.driver_host, job.entrypoint)
+        return job
+
+    def FinishJob(self, request, context):
+        with self.cond:
+            job = self.jobs.get(request.job_id)
+            if job is not None and job.state == "RUNNING":
+                self._end_job(job, request.state or "SUCCEEDED", request.message)
+        return pb.Empty()
+
+    def ListJobs(self, request, context):
+        with self.cond:
+            return pb.JobList(jobs=list(self.jobs.values()))
+
+    def _driver_gone(self, owner_id: str) -> None:
+        with self.cond:
+            for job in self.jobs.values():
+                if job.driver_id == owner_id and job.state == "RUNNING":
+                    self._end_job(job, "FAILED", "the driver process died before "
+                                  "rayx.shutdown()")
+
+    def _end_job(self, job: pb.JobInfo, state: str, message: str) -> None:
+        """Lock held."""
+        job.state = state if state in ("SUCCEEDED", "FAILED") else "FAILED"
+        job.message, job.end_time = message, time.time()
+        self._persist_job(job)
+        log.info("job %s %s%s", job.job_id, job.state.lower(), f": {message}" if message else "")
+
+    def _persist_job(self, job: pb.JobInfo) -> None:
+        """Lock held."""
+        self.db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)",
+                        (job.job_id, job.SerializeToString()))
+
     # ------------------------------------------------------------------ KV
 
     def KvPut(self, request, context):
@@ -295,8 +349,19 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
 
     def KvDel(self, request, context):
         with self.cond:
-            self.db.execute("DELETE FROM kv WHERE key = ?", (request.key,))
-        return pb.Empty()
+            cur = self.db.execute("DELETE FROM kv WHERE key = ?", (request.key,))
+        return pb.KvReply(found=cur.rowcount > 0)
+
+    def KvKeys(self, request, context):
+        prefix = request.prefix
+        with self.cond:  # a range scan, not LIKE: '%' and '_' in keys are not wildcards
+            if prefix:
+                rows = self.db.execute("SELECT key FROM kv WHERE key >= ? AND substr(key, 1, ?)"
+                                       " = ? ORDER BY key", (prefix, len(prefix), prefix))
+            else:
+                rows = self.db.execute("SELECT key FROM kv ORDER BY key")
+            keys = [k for (k,) in rows]
+        return pb.KvKeysReply(keys=keys)
 
     # ------------------------------------------------------------------ monitor
 

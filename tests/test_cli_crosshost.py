@@ -67,6 +67,10 @@ def test_start_status_submit_stop_on_this_host(tmp_path):
         out = _rayx(["submit", str(script), "--", "21"], env)
         assert out.returncode == 0, out.stderr
         assert "RESULT 42 2.0" in out.stdout
+        status = _rayx(["status"], env)
+        assert "jobs: 0 running, 1 succeeded, 0 failed" in status.stdout, status.stdout
+        job = next(ln for ln in status.stdout.splitlines() if "SUCCEEDED" in ln)
+        assert job.strip().startswith("0001 SUCCEEDED") and f"{script} 21" in job, job
     finally:
         stopped = _rayx(["stop"], env)
     assert "stopped 2" in stopped.stdout

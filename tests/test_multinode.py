@@ -176,3 +176,97 @@ def test_worker_output_reaches_a_remote_driver(three_nodes):
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if "hello from node b" in ln)
     assert line.startswith("(pid=") and "node=" in line
+
+
+def _jobs() -> list:
+    return list(rayx.api.core().head.ListJobs(pb.Empty(), timeout=10).jobs)
+
+
+def _job_of(pid: int):
+    return next((j for j in _jobs() if j.driver_pid == pid), None)
+
+
+def _driver(three_nodes, body: str, **popen):
+    import subprocess
+    import sys
+    import textwrap
+
+    code = (f'import os, sys, rayx\nrayx.init(address="{three_nodes.address}", '
+            f'token="{three_nodes.session.token}")\n' + textwrap.dedent(body))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen([sys.executable, "-c", code, "an-arg"], text=True,
+                            env=dict(os.environ, PYTHONPATH=repo), **popen)
+
+
+def test_jobs_this_driver_is_running(three_nodes):
+    me = _job_of(os.getpid())
+    assert me is not None and me.state == "RUNNING"
+    assert me.end_time == 0 and me.start_time <= time.time()
+    assert me.driver_id == rayx.api.core().client_id
+    assert me.node_id in {n["NodeID"] for n in rayx.nodes()}
+    assert me.entrypoint.startswith("python ")
+
+
+def test_jobs_succeed_fail_and_die(three_nodes):
+    import signal
+    import subprocess
+
+    ok = _driver(three_nodes, "rayx.shutdown()\n")
+    raised = _driver(three_nodes, "raise ValueError('bad input')\n",
+                     stderr=subprocess.DEVNULL)
+    killed = _driver(three_nodes, "print('READY', flush=True)\nsys.stdin.read()\n",
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert killed.stdout.readline().strip() == "READY"
+        assert _job_of(killed.pid).state == "RUNNING"
+        killed.send_signal(signal.SIGKILL)
+        assert ok.wait(60) == 0 and raised.wait(60) == 1
+    finally:
+        for p in (ok, raised, killed):
+            p.kill()
+            p.wait(10)
+    done = _job_of(ok.pid)
+    assert done.state == "SUCCEEDED" and done.end_time >= done.start_time > 0
+    assert done.entrypoint == "python -c an-arg"
+    failed = _job_of(raised.pid)
+    assert failed.state == "FAILED" and "ValueError: bad input" in failed.message
+    dead = wait_for(lambda: (j := _job_of(killed.pid)) and j.state == "FAILED" and j, 15,
+                    what="the killed driver's job to be marked FAILED")
+    assert "died" in dead.message and dead.end_time > 0
+    ids = [j.job_id for j in _jobs()]
+    assert len(ids) == len(set(ids))
+
+
+def test_jobs_persist_in_head_db(three_nodes):
+    import sqlite3
+
+    db = sqlite3.connect(os.path.join(three_nodes.session.dir, "head.db"))
+    try:
+        stored = {pb.JobInfo.FromString(b).job_id: pb.JobInfo.FromString(b)
+                  for (b,) in db.execute("SELECT info FROM jobs")}
+    finally:
+        db.close()
+    assert {j.job_id: j.state for j in _jobs()} == {k: j.state for k, j in stored.items()}
+
+
+def test_local_driver_registers_its_job():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, rayx
+        from rayx.protocol import rayx_pb2 as pb
+        rayx.init(num_cpus=1)
+        head = rayx.api.core().head
+        (job,) = head.ListJobs(pb.Empty()).jobs
+        print("JOB", job.state, job.driver_pid == os.getpid())
+        rayx.api._finish_job(rayx.api.core(), "SUCCEEDED")
+        (job,) = head.ListJobs(pb.Empty()).jobs
+        print("JOB", job.state, job.end_time > 0)
+    """)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=repo))
+    assert out.returncode == 0, out.stderr
+    assert "JOB RUNNING True\nJOB SUCCEEDED True" in out.stdout

@@ -87,7 +87,27 @@ class HeadStub:
         self.KvDel = channel.unary_unary(
                 '/rayx.Head/KvDel',
                 request_serializer=rayx_dot_protocol_dot_rayx__pb2.KvRequest.SerializeToString,
+                response_deserializer=rayx_dot_protocol_dot_rayx__pb2.KvReply.FromString,
+                _registered_method=True)
+        self.KvKeys = channel.unary_unary(
+                '/rayx.Head/KvKeys',
+                request_serializer=rayx_dot_protocol_dot_rayx__pb2.KvKeysRequest.SerializeToString,
+                response_deserializer=rayx_dot_protocol_dot_rayx__pb2.KvKeysReply.FromString,
+                _registered_method=True)
+        self.RegisterJob = channel.unary_unary(
+                '/rayx.Head/RegisterJob',
+                request_serializer=rayx_dot_protocol_dot_rayx__pb2.JobInfo.SerializeToString,
+                response_deserializer=rayx_dot_protocol_dot_rayx__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.FinishJob = channel.unary_unary(
+                '/rayx.Head/FinishJob',
+                request_serializer=rayx_dot_protocol_dot_rayx__pb2.JobInfo.SerializeToString,
                 response_deserializer=rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/rayx.Head/ListJobs',
+                request_serializer=rayx_dot_protocol_dot_rayx__pb2.Empty.SerializeToString,
+                response_deserializer=rayx_dot_protocol_dot_rayx__pb2.JobList.FromString,
                 _registered_method=True)
 
 
@@ -137,14 +157,15 @@ class HeadServicer:
         raise NotImplementedError('Method not implemented!')
 
     def OwnerDied(self, request, context):
-        """ends the owner's non-detached actors
+        """ends the owner's non-detached actors; a
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def KvPut(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """driver's RUNNING job becomes FAILED
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -156,6 +177,32 @@ class HeadServicer:
         raise NotImplementedError('Method not implemented!')
 
     def KvDel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KvKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterJob(self, request, context):
+        """returns it with its job id
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishJob(self, request, context):
+        """job_id, state (SUCCEEDED or FAILED), message
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -217,7 +264,27 @@ def add_HeadServicer_to_server(servicer, server):
             'KvDel': grpc.unary_unary_rpc_method_handler(
                     servicer.KvDel,
                     request_deserializer=rayx_dot_protocol_dot_rayx__pb2.KvRequest.FromString,
+                    response_serializer=rayx_dot_protocol_dot_rayx__pb2.KvReply.SerializeToString,
+            ),
+            'KvKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.KvKeys,
+                    request_deserializer=rayx_dot_protocol_dot_rayx__pb2.KvKeysRequest.FromString,
+                    response_serializer=rayx_dot_protocol_dot_rayx__pb2.KvKeysReply.SerializeToString,
+            ),
+            'RegisterJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterJob,
+                    request_deserializer=rayx_dot_protocol_dot_rayx__pb2.JobInfo.FromString,
+                    response_serializer=rayx_dot_protocol_dot_rayx__pb2.JobInfo.SerializeToString,
+            ),
+            'FinishJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishJob,
+                    request_deserializer=rayx_dot_protocol_dot_rayx__pb2.JobInfo.FromString,
                     response_serializer=rayx_dot_protocol_dot_rayx__pb2.Empty.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
+                    response_serializer=rayx_dot_protocol_dot_rayx__pb2.JobList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,7 +583,115 @@ class Head:
             target,
             '/rayx.Head/KvDel',
             rayx_dot_protocol_dot_rayx__pb2.KvRequest.SerializeToString,
+            rayx_dot_protocol_dot_rayx__pb2.KvReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KvKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rayx.Head/KvKeys',
+            rayx_dot_protocol_dot_rayx__pb2.KvKeysRequest.SerializeToString,
+            rayx_dot_protocol_dot_rayx__pb2.KvKeysReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rayx.Head/RegisterJob',
+            rayx_dot_protocol_dot_rayx__pb2.JobInfo.SerializeToString,
+            rayx_dot_protocol_dot_rayx__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rayx.Head/FinishJob',
+            rayx_dot_protocol_dot_rayx__pb2.JobInfo.SerializeToString,
             rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rayx.Head/ListJobs',
+            rayx_dot_protocol_dot_rayx__pb2.Empty.SerializeToString,
+            rayx_dot_protocol_dot_rayx__pb2.JobList.FromString,
             options,
             channel_credentials,
             insecure,
