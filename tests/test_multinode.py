@@ -270,3 +270,64 @@ def test_local_driver_registers_its_job():
                          timeout=60, env=dict(os.environ, PYTHONPATH=repo))
     assert out.returncode == 0, out.stderr
     assert "JOB RUNNING True\nJOB SUCCEEDED True" in out.stdout
+
+
+def test_kv_from_the_driver(three_nodes):
+    assert rayx.kv_get("kvt/missing") is None
+    rayx.kv_put("kvt/a", b"1")
+    rayx.kv_put("kvt/b", bytearray(b"\x00\xff"))
+    rayx.kv_put("kvt_c", b"")  # '_' is no wildcard for the prefix
+    rayx.kv_put("kvt/a", b"one")  # replaces
+    assert rayx.kv_get("kvt/a") == b"one"
+    assert rayx.kv_get("kvt/b") == b"\x00\xff"
+    assert rayx.kv_get("kvt_c") == b""  # empty, not missing
+    assert rayx.kv_keys("kvt/") == ["kvt/a", "kvt/b"]
+    assert set(rayx.kv_keys()) >= {"kvt/a", "kvt/b", "kvt_c"}
+    assert rayx.kv_delete("kvt/a") is True
+    assert rayx.kv_delete("kvt/a") is False
+    assert rayx.kv_get("kvt/a") is None
+    assert rayx.kv_keys("kvt") == ["kvt/b", "kvt_c"]
+    with pytest.raises(TypeError, match="bytes"):
+        rayx.kv_put("kvt/x", "text")
+    with pytest.raises(TypeError, match="str"):
+        rayx.kv_get(b"kvt/b")
+    for k in rayx.kv_keys("kvt"):
+        rayx.kv_delete(k)
+    assert rayx.kv_keys("kvt") == []
+
+
+def test_kv_from_tasks_and_actors_on_other_nodes(three_nodes):
+    @rayx.remote(resources={"a": 1})
+    def writer(n):
+        for i in range(n):
+            rayx.kv_put(f"kvtask/{i}", str(i * i).encode())
+        return rayx.get_runtime_context().get_node_id()
+
+    @rayx.remote(resources={"b": 1})
+    def reader():
+        keys = rayx.kv_keys("kvtask/")
+        values = [rayx.kv_get(k) for k in keys]
+        gone = rayx.kv_delete("kvtask/0")
+        return keys, values, gone, rayx.kv_get("kvtask/0")
+
+    @rayx.remote(resources={"b": 0.5})
+    class Reader:
+        def get(self, key):
+            return rayx.kv_get(key)
+
+    assert rayx.get(writer.remote(3), timeout=60) == _node_with("a")
+    keys, values, gone, after = rayx.get(reader.remote(), timeout=60)
+    assert keys == ["kvtask/0", "kvtask/1", "kvtask/2"]
+    assert values == [b"0", b"1", b"4"] and gone is True and after is None
+    actor = Reader.remote()
+    assert rayx.get(actor.get.remote("kvtask/2"), timeout=60) == b"4"
+    rayx.kill(actor)
+    assert rayx.kv_keys("kvtask/") == ["kvtask/1", "kvtask/2"]  # the driver sees the same
+    import sqlite3
+    db = sqlite3.connect(os.path.join(three_nodes.session.dir, "head.db"))
+    try:  # kept in the head's SQLite file
+        assert db.execute("SELECT value FROM kv WHERE key = 'kvtask/2'").fetchone() == (b"4",)
+    finally:
+        db.close()
+    for k in rayx.kv_keys("kvtask/"):
+        rayx.kv_delete(k)
