@@ -331,3 +331,28 @@ def test_kv_from_tasks_and_actors_on_other_nodes(three_nodes):
         db.close()
     for k in rayx.kv_keys("kvtask/"):
         rayx.kv_delete(k)
+
+
+def test_refused_calls_are_logged_by_the_node_that_refused_them(three_nodes):
+    from rayx import rpc
+
+    def log_of(node) -> str:
+        path = os.path.join(three_nodes.session.dir, "logs", f"node-{node.node_id[:12]}.log")
+        with open(path, errors="replace") as f:
+            return f.read()
+
+    head, other = three_nodes.nodes[0], three_nodes.nodes[2]
+    with pytest.raises(grpc.RpcError) as err:
+        rpc.head_stub(rpc.channel(head.address, "wrong-token-x1")).ListJobs(pb.Empty(),
+                                                                             timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(other.address) as ch:  # no token at all, to a node manager
+        with pytest.raises(grpc.RpcError) as err:
+            rayx_pb2_grpc.NodeManagerStub(ch).GetResources(pb.Empty(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    line = "refused /rayx.Head/ListJobs: missing or wrong cluster token"
+    wait_for(lambda: line in log_of(head), 10, what="the head to log the refused call")
+    wait_for(lambda: "refused /rayx.NodeManager/GetResources" in log_of(other), 10,
+             what="the node manager to log the refused call")
+    assert "wrong-token-x1" not in log_of(head)  # what a caller sent is not echoed
+    assert "refused /rayx.NodeManager/GetResources" not in log_of(head)
