@@ -265,3 +265,45 @@ def test_calls_keep_their_order_while_an_argument_is_pending(rayx_cluster):
     assert rayx.get(first) == [1]
     with pytest.raises(ValueError):
         rayx.get(failed)
+
+
+@rayx.remote
+class Sleeper:
+    def pid(self):
+        return os.getpid()
+
+    def slow(self, marker):
+        """The first attempt announces itself and hangs; a retry returns at once."""
+        if os.path.exists(marker):
+            return "retried", os.getpid()
+        open(marker, "w").close()
+        time.sleep(60)
+        return "first attempt", os.getpid()
+
+
+def _kill_during_slow_call(actor, marker: str):
+    pid = rayx.get(actor.pid.remote(), timeout=30)
+    ref = actor.slow.remote(marker)
+    wait_for(lambda: os.path.exists(marker), 20, what="the slow call to start")
+    os.kill(pid, signal.SIGKILL)
+    return pid, ref
+
+
+@pytest.mark.timeout(120)
+def test_call_in_flight_is_retried_after_a_restart(rayx_cluster, tmp_path):
+    a = Sleeper.options(max_restarts=1, max_task_retries=1).remote()
+    pid, ref = _kill_during_slow_call(a, str(tmp_path / "started"))
+    outcome, new_pid = rayx.get(ref, timeout=60)
+    assert outcome == "retried" and new_pid != pid
+    rayx.kill(a)
+
+
+@pytest.mark.timeout(120)
+def test_call_in_flight_fails_without_task_retries(rayx_cluster, tmp_path):
+    a = Sleeper.options(max_restarts=1, max_task_retries=0).remote()
+    pid, ref = _kill_during_slow_call(a, str(tmp_path / "started"))
+    with pytest.raises(ActorDiedError) as info:
+        rayx.get(ref, timeout=60)
+    assert "max_task_retries=0" in str(info.value)
+    assert rayx.get(a.pid.remote(), timeout=60) != pid  # the actor itself was restarted
+    rayx.kill(a)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
 import time
 
+import psutil
 import pytest
 
 import rayx
 from rayx.exceptions import (
     InvalidOptionError,
+    ObjectLostError,
+    OwnerDiedError,
     RayxTaskError,
     SerializationError,
     TaskCancelledError,
@@ -209,9 +213,59 @@ def test_bad_calls_to_the_api(rayx_cluster):
         rayx.remote(42)
 
 
-def test_nothing_half_submitted_after_bad_argument(rayx_cluster):
-    before = rayx.available_resources()
-    big = b"x" * (1 << 20)
-    with pytest.raises(SerializationError):
-        sleep.remote(big, threading.Lock())
-    assert rayx.available_resources()["CPU"] == before["CPU"]
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("size", [10, 300_000], ids=["inline", "in-store"])
+def test_object_put_by_an_exited_worker_raises_owner_died(rayx_cluster, size):
+    @rayx.remote(max_calls=1)
+    def make(n):
+        return [rayx.put(b"x" * n)], os.getpid()  # the worker owns what it puts
+
+    [inner], pid = rayx.get(make.remote(size), timeout=30)
+    wait_for(lambda: _gone(pid), 20, what="the worker to retire after max_calls=1")
+    with pytest.raises(OwnerDiedError) as info:
+        rayx.get(inner, timeout=20)
+    assert isinstance(info.value, ObjectLostError) and "owner" in str(info.value)
+    store = rayx.nodes()[0]["StoreDir"]
+    wait_for(lambda: inner.id not in os.listdir(store), 10, what="the owner's objects to go")
+
+
+def _footprint() -> tuple[set[str], set[str]]:
+    """What a failed call must not leave behind: store files and ownership entries."""
+    gc.collect()  # refs made for the call's arguments die with the call
+    store = {f for f in os.listdir(rayx.nodes()[0]["StoreDir"]) if not f.endswith(".tmp")}
+    return store, set(rayx.api.core().table.entries)
+
+
+@rayx.remote
+class Holder:
+    def __init__(self, *args):
+        self.n = len(args)
+
+    def size(self):
+        return self.n
+
+
+@pytest.mark.parametrize("call", ["task argument", "actor option", "actor argument"])
+def test_nothing_half_submitted_after_bad_argument(rayx_cluster, call):
+    wait_for(lambda: rayx.available_resources()["CPU"] == 2, 10, what="idle CPUs")
+    store_before, entries_before = _footprint()
+    big = b"x" * (1 << 20)  # large enough to go into the store before the bad value is met
+    if call == "task argument":
+        with pytest.raises(SerializationError):
+            sleep.remote(big, threading.Lock())
+    elif call == "actor option":
+        with pytest.raises(InvalidOptionError):
+            Holder.options(num_cpus=-1).remote(big)
+    else:
+        with pytest.raises(SerializationError):
+            Holder.remote(big, threading.Lock())
+    wait_for(lambda: _footprint() == (store_before, entries_before), 10,
+             what="the store and the ownership table to be as before the call")
+    assert rayx.available_resources()["CPU"] == 2
+    assert rayx.get(Holder.remote(big).size.remote(), timeout=30) == 1  # still usable

@@ -96,6 +96,35 @@ def test_driver_killed_with_sigkill_takes_the_cluster_down():
         driver.wait()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ending, code", [("return", 0), ("raise", 1)])
+def test_driver_exiting_without_shutdown_takes_the_cluster_down(ending, code):
+    driver = _run_driver(f"""
+        import numpy as np, rayx
+        info = rayx.init(num_cpus=1)
+        @rayx.remote
+        def square(x): return x * x
+        assert rayx.get(square.remote(7)) == 49
+        ref = rayx.put(np.zeros(2_000_000))
+        print("SESSION", info.session_dir, rayx.nodes()[0]["StoreDir"], flush=True)
+        if "{ending}" == "raise":
+            raise SystemError("the driver fails without calling shutdown")
+    """)
+    try:
+        out, _ = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert driver.returncode == code, out
+    line = next((ln for ln in out.splitlines() if ln.startswith("SESSION")), None)
+    assert line is not None, out
+    _, session_dir, store = line.split()
+    wait_for(lambda: not _session_processes(session_dir), 15,
+             what="the cluster to exit with its driver")
+    wait_for(lambda: not os.path.exists(store), 10, what="the store to be removed")
+    assert os.path.basename(store) not in rayx_segments()
+
+
 def test_worker_output_reaches_the_driver_with_a_pid_prefix():
     driver = _run_driver("""
         import rayx

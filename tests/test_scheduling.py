@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
 import pytest
 
 import rayx
+from rayx.exceptions import TaskUnschedulableError
 from rayx.scheduler import ResourcePool
 
 from .conftest import wait_for
@@ -50,14 +52,20 @@ def test_concurrent_gpu_tasks_get_disjoint_ids(rayx_cluster):
     assert sorted(flat) == [0, 1, 2, 3]
 
 
-def test_fractional_gpus_share_one_device(rayx_cluster):
+def test_fractional_gpus_share_one_device(rayx_cluster, tmp_path):
     @rayx.remote(num_gpus=0.5, num_cpus=0)
-    def half(seconds):
-        time.sleep(seconds)
-        return rayx.get_gpu_ids()
+    def half(rendezvous, me):
+        open(os.path.join(rendezvous, me), "w").close()
+        deadline = time.monotonic() + 30
+        while len(os.listdir(rendezvous)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # hold the half GPU until the other half runs too
+        return rayx.get_gpu_ids(), len(os.listdir(rendezvous))
 
-    got = rayx.get([half.remote(0.5) for _ in range(2)])
-    assert all(len(ids) == 1 for ids in got)
+    wait_for(lambda: rayx.available_resources()["GPU"] == 4, 10, what="idle GPUs")
+    (ids_a, seen_a), (ids_b, seen_b) = rayx.get(
+        [half.remote(str(tmp_path), name) for name in "ab"], timeout=60)
+    assert seen_a == seen_b == 2  # they ran at the same time
+    assert len(ids_a) == 1 and ids_a == ids_b  # and packed onto one device
 
 
 def test_omp_threads_follow_cpu_allocation(rayx_cluster):
@@ -102,6 +110,36 @@ def test_blocked_worker_lends_its_cpu(rayx_cluster):
     assert rayx.get([parent.remote() for _ in range(4)], timeout=60) == [1, 1, 1, 1]
 
 
+@pytest.mark.timeout(120)
+def test_memory_option_holds_memory_while_the_task_runs(rayx_cluster, tmp_path):
+    total = rayx.cluster_resources()["memory"]
+    wait_for(lambda: rayx.available_resources()["memory"] == total, 10, what="idle memory")
+    need = 256 * 1024 * 1024
+    release = tmp_path / "release"
+
+    @rayx.remote(num_cpus=0)
+    def hold(path):
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "done"
+
+    ref = hold.options(memory=need).remote(str(release))
+    wait_for(lambda: rayx.available_resources()["memory"] == total - need, 20,
+             what="the task's memory to be held")
+    release.touch()
+    assert rayx.get(ref, timeout=60) == "done"
+    wait_for(lambda: rayx.available_resources()["memory"] == total, 10,
+             what="the task's memory to be returned")
+
+
+def test_memory_beyond_the_cluster_is_unschedulable(rayx_cluster):
+    total = rayx.cluster_resources()["memory"]
+    with pytest.raises(TaskUnschedulableError) as info:
+        rayx.get(env.options(memory=int(total * 2)).remote("HOME"), timeout=20)
+    assert "memory" in str(info.value)
+
+
 def test_resource_pool_accounting():
     pool = ResourcePool({"CPU": 2.0, "GPU": 2.0, "x": 1.0}, num_gpus=2)
     a = pool.acquire({"CPU": 1.0, "GPU": 0.5})
@@ -127,3 +165,11 @@ def test_bad_init_arguments(kwargs):
     with pytest.raises(rayx.exceptions.InvalidOptionError):
         rayx.init(**kwargs)
     assert not rayx.is_initialized()
+
+
+def test_plain_init_takes_cpus_and_memory_from_the_machine(fresh_cluster):
+    fresh_cluster()
+    total = rayx.cluster_resources()
+    assert total["CPU"] == psutil.cpu_count()
+    assert total["memory"] > 0
+    assert total["memory"] <= psutil.virtual_memory().total
