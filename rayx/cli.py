@@ -161,7 +161,7 @@ def cmd_status(args) -> int:
     for n in nodes:
         total, avail = dict(n.total.amounts), dict(n.available.amounts)
         used = ", ".join(f"{k} {total[k] - avail.get(k, 0):g}/{total[k]:g}"
-                         for k in sorted(total) if k != "memory")
+                         for k in sorted(total) if k != "memory" and total[k] > 0)
         state = "ALIVE" if n.alive else "DEAD "
         print(f"  {state} {n.node_id[:12]} {n.address:22s} {used}")
         demand = dict(n.pending_demand.amounts)

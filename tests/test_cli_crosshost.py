@@ -198,3 +198,53 @@ def test_tls_cluster(tmp_path):
         assert plain.returncode != 0 and "could not reach the cluster" in plain.stderr
     finally:
         _rayx(["stop"], env)
+
+
+def test_status_shows_used_resources_and_a_dead_node(tmp_path):
+    import rayx
+    from rayx.cluster_utils import Cluster
+
+    if rayx.is_initialized():
+        rayx.shutdown()
+    c = Cluster(head_cpus=1, node_timeout=1.0, heartbeat_interval=0.1)
+    try:
+        busy = c.add_node(num_cpus=2, resources={"gadget": 3})
+        doomed = c.add_node(num_cpus=1)
+        c.connect()
+        env = _env(tmp_path, RAYX_TOKEN=c.session.token)
+
+        def status() -> str:
+            out = _rayx(["status", "--address", c.address], env)
+            assert out.returncode == 0, out.stderr
+            return out.stdout
+
+        def line_of(text: str, node) -> str:
+            return next(ln for ln in text.splitlines() if node.node_id[:12] in ln)
+
+        @rayx.remote(num_cpus=1, resources={"gadget": 2})
+        class Holder:
+            def ready(self):
+                return True
+
+        holder = Holder.remote()
+        assert rayx.get(holder.ready.remote(), timeout=60)
+        text = wait_for(lambda: (t := status()) and "CPU 1/2" in line_of(t, busy) and t, 30,
+                        interval=0.1, what="status to show the held CPU")
+        assert "3 alive, 0 dead" in text
+        assert line_of(text, busy).split()[0] == "ALIVE"
+        assert "CPU 1/2, gadget 2/3" in line_of(text, busy)
+        assert "CPU 0/1" in line_of(text, c.head) and "gadget" not in line_of(text, c.head)
+        assert line_of(text, busy).split()[2] == busy.address
+        assert "jobs: 1 running, 0 succeeded, 0 failed" in text
+
+        c.kill_node(doomed)
+        text = wait_for(lambda: (t := status()) and "2 alive, 1 dead" in t and t, 30,
+                        interval=0.1, what="status to show the killed node as dead")
+        assert line_of(text, doomed).split()[0] == "DEAD"
+        assert line_of(text, busy).split()[0] == "ALIVE"
+        assert "CPU 1/2, gadget 2/3" in line_of(text, busy)
+        rayx.kill(holder)
+        wait_for(lambda: "CPU 0/2, gadget 0/3" in line_of(status(), busy), 30, interval=0.1,
+                 what="status to show the resources given back")
+    finally:
+        c.shutdown()
