@@ -10,7 +10,7 @@ import pytest
 
 import rayx
 from rayx.cluster_utils import Cluster
-from rayx.exceptions import ObjectLostError, WorkerCrashedError
+from rayx.exceptions import ObjectLostError
 
 from .conftest import wait_for
 
@@ -19,7 +19,14 @@ def _node_with(resource: str) -> str:
     return next(n["NodeID"] for n in rayx.nodes() if resource in n["Resources"])
 
 
-def test_node_death_fails_over():
+def _markers(directory) -> list[list[str]]:
+    """The lines tasks wrote into marker files: [what, node id] per run, oldest first."""
+    names = [n for n in os.listdir(directory) if not n.endswith(".tmp")]  # complete ones
+    names.sort(key=lambda n: os.stat(directory / n).st_mtime_ns)
+    return [(directory / n).read_text().split() for n in names]
+
+
+def test_node_death_fails_over(tmp_path):
     """SIGKILL a node mid-run: its tasks retry elsewhere, its actor restarts elsewhere, its
     objects are rebuilt from lineage — or get raises ObjectLostError, never hangs."""
     if rayx.is_initialized():
@@ -31,10 +38,19 @@ def test_node_death_fails_over():
         wait_for(lambda: len(rayx.nodes()) == 2, 20, what="2 nodes")
         doomed_id = _node_with("doomed")
 
+        def mark(what: str) -> str:
+            """Record that `what` runs now, and where; returns this node's id."""
+            node = rayx.get_runtime_context().get_node_id()
+            path = tmp_path / f"{what}-{os.getpid()}-{time.monotonic_ns()}"
+            path.with_suffix(".tmp").write_text(f"{what} {node}")
+            path.with_suffix(".tmp").rename(path)
+            return node
+
         @rayx.remote(num_cpus=1, max_retries=2)
         def slow(i):
-            time.sleep(1.0)
-            return i, rayx.get_runtime_context().get_node_id()
+            node = mark(f"slow{i}")
+            time.sleep(60 if node == doomed_id else 0.3)  # on the doomed node: until it dies
+            return i, node
 
         @rayx.remote(num_cpus=0, max_restarts=1, max_task_retries=1,
                      scheduling_strategy=rayx.NodeAffinitySchedulingStrategy(doomed_id, True))
@@ -45,29 +61,39 @@ def test_node_death_fails_over():
         @rayx.remote(num_cpus=0, scheduling_strategy=rayx.NodeAffinitySchedulingStrategy(
             doomed_id, soft=True))
         def made_there():
-            return np.full(500_000, 7), rayx.get_runtime_context().get_node_id()
+            return np.full(500_000, 7), mark("made")
 
         @rayx.remote(resources={"doomed": 1}, max_retries=0)
         def only_there():
-            return np.full(500_000, 1)
+            return np.full(500_000, 1), mark("only")
 
         survivor = Survivor.remote()
         assert rayx.get(survivor.where.remote(), timeout=30) == doomed_id
         rebuilt = made_there.remote()
         lost = only_there.remote()
-        rayx.wait([rebuilt, lost], num_returns=2, timeout=30)
+        ready, _ = rayx.wait([rebuilt, lost], num_returns=2, timeout=30)
+        assert len(ready) == 2
+        assert sorted(_markers(tmp_path)) == [["made", doomed_id], ["only", doomed_id]]
         running = [slow.remote(i) for i in range(4)]
-        time.sleep(0.3)  # let some of them start on the doomed node before it dies
+        on_doomed = wait_for(lambda: [m for m in _markers(tmp_path)
+                                      if m[0].startswith("slow") and m[1] == doomed_id], 30,
+                             what="a slow task to be running on the doomed node")
         c.kill_node(doomed)
 
         results = rayx.get(running, timeout=60)
         assert sorted(i for i, _ in results) == [0, 1, 2, 3]
         assert all(node != doomed_id for _, node in results)
+        retried = int(on_doomed[0][0][len("slow"):])
+        runs = [m[1] for m in _markers(tmp_path) if m[0] == f"slow{retried}"]
+        assert runs[0] == doomed_id and runs[-1] == results[retried][1] != doomed_id
         assert rayx.get(survivor.where.remote(), timeout=60) != doomed_id
-        arr, _ = rayx.get(rebuilt, timeout=60)
-        assert int(arr[0]) == 7
-        with pytest.raises((ObjectLostError, WorkerCrashedError)):
+        arr, rebuilt_on = rayx.get(rebuilt, timeout=60)
+        assert int(arr[0]) == 7 and rebuilt_on != doomed_id
+        assert [m for m in _markers(tmp_path) if m[0] == "made"] == [
+            ["made", doomed_id], ["made", rebuilt_on]]  # made there, then rebuilt elsewhere
+        with pytest.raises(ObjectLostError):  # max_retries=0: no lineage to rebuild it from
             rayx.get(lost, timeout=60)
+        assert [m for m in _markers(tmp_path) if m[0] == "only"] == [["only", doomed_id]]
         wait_for(lambda: not next(n for n in rayx.nodes() if n["NodeID"] == doomed_id)["Alive"],
                  20, what="the dead node to be marked dead")
     finally:
