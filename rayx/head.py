@@ -212,9 +212,15 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
         return pb.Empty()
 
     def OwnerDied(self, request, context):
-        """A driver or worker is gone: end its actors not created detached, and fail its job
-        if it was a driver that had not finished (killed, or exited without shutdown)."""
+        """A driver or worker is gone: release the leases it held on every node, end its actors
+        not created detached, and fail its job if it was a driver that had not finished."""
         self._driver_gone(request.owner_id)
+        for node in self.alive_nodes():  # leases it held on other nodes than its own
+            try:
+                rpc.call_async(self._node_stub(node.address).OwnerGone, request, timeout=10)
+            except Exception as exc:
+                log.warning("could not tell node %s that owner %s is gone: %s",
+                            node.node_id[:12], request.owner_id[:12], exc)
         for aid in self.actors_owned_by(request.owner_id):
             self.KillActor(pb.KillActorRequest(actor_id=aid, no_restart=True), context)
         return pb.Empty()

@@ -120,6 +120,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
                 self.pool.release(alloc)
             return pb.LeaseReply(status="RETRY", error="a worker could not be started")
         rec.state, rec.alloc, rec.lease_id = "leased", alloc, ids.new_id()
+        rec.lessee = request.owner_id
         with self.lock:
             self.leases[rec.lease_id] = rec
         return pb.LeaseReply(status="GRANTED", lease_id=rec.lease_id, worker_id=rec.worker_id,
@@ -194,7 +195,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
                 rec.lent_cpus = 0.0
             self.pool.release(rec.alloc)
             rec.alloc = None
-        rec.lease_id = ""
+        rec.lease_id = rec.lessee = ""
 
     def SetBlocked(self, request, context):
         with self.lock:
@@ -340,10 +341,28 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         return pb.Empty()
 
     def _owner_gone(self, owner_id: str) -> None:
-        """Free what a gone driver or worker owned: its objects and non-detached actors."""
+        """Free what a gone driver or worker of this node owned: its objects, its leases here;
+        the head then releases its leases elsewhere and ends its non-detached actors."""
         self._free(self.store.free_owner(owner_id))
+        self._release_leases_of(owner_id)
         if not self.stopped.is_set():
             rpc.call_async(self.head.OwnerDied, pb.OwnerInfo(owner_id=owner_id), timeout=10)
+
+    def OwnerGone(self, request, context):
+        """The head says an owner of another node is gone: release the leases it held here."""
+        self._release_leases_of(request.owner_id)
+        return pb.Empty()
+
+    def _release_leases_of(self, owner_id: str) -> None:
+        """The owner will never return these leases; their workers may still run its tasks,
+        so they are killed (the pool starts fresh ones)."""
+        with self.lock:
+            held = [r for r in self.leases.values() if r.lessee == owner_id]
+            for rec in held:
+                self.leases.pop(rec.lease_id, None)
+                self._release(rec)
+        for rec in held:
+            self.workers.kill(rec)
 
     def GetResources(self, request, context):
         return self._info()

@@ -31,6 +31,7 @@ class WorkerRecord:
     conn: wire.Connection | None = None
     alloc: Allocation | None = None
     lease_id: str = ""
+    lessee: str = ""  # the owner (driver or worker client id) holding the lease
     lent_cpus: float = 0.0
     actor_id: str = ""
     prestarted: bool = False  # started ahead of demand: joins the idle pool when it registers

@@ -443,3 +443,10 @@ def test_runtime_context_in_constructors_and_concurrent_actors(three_nodes):
     finally:
         for a in actors:
             rayx.kill(a)
+
+
+def test_leases_a_dead_owner_held_on_another_node_are_released(three_nodes, tmp_path):
+    from .test_scheduling import _kill_an_owner_holding_a_lease
+
+    _kill_an_owner_holding_a_lease(tmp_path, {"num_cpus": 0, "resources": {"a": 0.5}},
+                                   {"num_cpus": 0, "resources": {"b": 1}}, "b")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import psutil
@@ -173,3 +174,42 @@ def test_plain_init_takes_cpus_and_memory_from_the_machine(fresh_cluster):
     assert total["CPU"] == psutil.cpu_count()
     assert total["memory"] > 0
     assert total["memory"] <= psutil.virtual_memory().total
+
+
+def _kill_an_owner_holding_a_lease(tmp_path, outer_opts: dict, inner_opts: dict, resource: str):
+    """An outer task leases a worker for an inner task, then its own worker is SIGKILLed: the
+    lease it never returned is released and the inner task's worker ends."""
+    @rayx.remote(max_retries=0, **inner_opts)
+    def inner(path):
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(60)
+
+    @rayx.remote(max_retries=0, **outer_opts)
+    def outer(path_outer, path_inner):
+        ref = inner.remote(path_inner)
+        with open(path_outer, "w") as f:
+            f.write(str(os.getpid()))
+        rayx.get(ref)
+
+    full = rayx.available_resources()[resource]
+    p_out, p_in = str(tmp_path / "outer"), str(tmp_path / "inner")
+    ref = outer.remote(p_out, p_in)
+    wait_for(lambda: os.path.exists(p_out) and os.path.exists(p_in)
+             and open(p_out).read() and open(p_in).read(), 20, what="both tasks running")
+    wait_for(lambda: rayx.available_resources()[resource] < full, 10,
+             what="the inner lease to show")  # other nodes' figures come with heartbeats
+    inner_pid = int(open(p_in).read())
+    os.kill(int(open(p_out).read()), signal.SIGKILL)
+    with pytest.raises(rayx.exceptions.WorkerCrashedError):
+        rayx.get(ref, timeout=30)
+    wait_for(lambda: rayx.available_resources()[resource] == full, 20,
+             what="the dead owner's lease to be released")
+    wait_for(lambda: not psutil.pid_exists(inner_pid)
+             or psutil.Process(inner_pid).status() == psutil.STATUS_ZOMBIE, 20,
+             what="the inner task's worker to be killed")
+
+
+def test_leases_of_a_dead_owner_are_released(rayx_cluster, tmp_path):
+    _kill_an_owner_holding_a_lease(tmp_path, {"num_cpus": 0},
+                                   {"num_cpus": 0, "resources": {"custom": 1}}, "custom")

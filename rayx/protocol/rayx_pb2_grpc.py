@@ -767,6 +767,11 @@ class NodeManagerStub:
                 request_serializer=rayx_dot_protocol_dot_rayx__pb2.ClientInfo.SerializeToString,
                 response_deserializer=rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
                 _registered_method=True)
+        self.OwnerGone = channel.unary_unary(
+                '/rayx.NodeManager/OwnerGone',
+                request_serializer=rayx_dot_protocol_dot_rayx__pb2.OwnerInfo.SerializeToString,
+                response_deserializer=rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
+                _registered_method=True)
         self.GetResources = channel.unary_unary(
                 '/rayx.NodeManager/GetResources',
                 request_serializer=rayx_dot_protocol_dot_rayx__pb2.Empty.SerializeToString,
@@ -848,6 +853,13 @@ class NodeManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OwnerGone(self, request, context):
+        """from the head: release that owner's leases here
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetResources(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -916,6 +928,11 @@ def add_NodeManagerServicer_to_server(servicer, server):
             'UnregisterClient': grpc.unary_unary_rpc_method_handler(
                     servicer.UnregisterClient,
                     request_deserializer=rayx_dot_protocol_dot_rayx__pb2.ClientInfo.FromString,
+                    response_serializer=rayx_dot_protocol_dot_rayx__pb2.Empty.SerializeToString,
+            ),
+            'OwnerGone': grpc.unary_unary_rpc_method_handler(
+                    servicer.OwnerGone,
+                    request_deserializer=rayx_dot_protocol_dot_rayx__pb2.OwnerInfo.FromString,
                     response_serializer=rayx_dot_protocol_dot_rayx__pb2.Empty.SerializeToString,
             ),
             'GetResources': grpc.unary_unary_rpc_method_handler(
@@ -1225,6 +1242,33 @@ class NodeManager:
             target,
             '/rayx.NodeManager/UnregisterClient',
             rayx_dot_protocol_dot_rayx__pb2.ClientInfo.SerializeToString,
+            rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OwnerGone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rayx.NodeManager/OwnerGone',
+            rayx_dot_protocol_dot_rayx__pb2.OwnerInfo.SerializeToString,
             rayx_dot_protocol_dot_rayx__pb2.Empty.FromString,
             options,
             channel_credentials,
