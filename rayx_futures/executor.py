@@ -5,7 +5,7 @@
     ObjectRef.future() done --(rayx's thread only queues it)--> events --> dispatcher thread:
         set_result / set_exception on the RayxFuture (user callbacks run here)
         -> while fewer than `window` calls are in flight: pop pending -> RUNNING -> send
-    (window = max_workers, or twice that when the cluster alone caps the calls below it)
+    (window = max_workers, or one more when the cluster alone caps the calls below it)
 
 Results and task errors are delivered on the dispatcher thread only; a call that cannot even
 be sent (unpicklable) fails at once in the thread that sent it. Each executor owns its
@@ -273,22 +273,23 @@ class _Dispatcher:
                 rayx.shutdown()
 
     def refresh_window(self) -> None:
-        """Send ahead while the cluster alone keeps us from running more than max_workers.
+        """Send one call ahead while the cluster alone keeps us from running max_workers.
 
-        When the cluster cannot run more than max_workers of these calls at once, up to twice
-        as many are sent, so that a worker finishing a call finds the next one already queued
-        (ProcessPoolExecutor queues one extra call for the same reason). Otherwise max_workers
-        is the limit itself, and only that many calls are ever in flight.
+        When the cluster's resources cannot run more than max_workers of these calls at once,
+        one more call is sent, so that the first worker to finish finds the next call already
+        queued: ProcessPoolExecutor's one extra queued call, with the same consequence (that
+        call is RUNNING and cannot be cancelled). Otherwise max_workers is the limit itself.
+        Calls that take no resources are never capped by the cluster.
         """
         now = time.monotonic()
         if now - self._window_checked < _WINDOW_REFRESH:
             return
         self._window_checked = now
         try:
-            capacity = _capacity(self.options)
+            capacity = _capacity(self.options, unbounded=self.max_workers + 1)
         except Exception:  # the cluster is going away: the health check deals with it
             return
-        self.window = self.max_workers * (2 if capacity <= self.max_workers else 1)
+        self.window = self.max_workers + (1 if capacity <= self.max_workers else 0)
 
     def _send_ready(self) -> None:
         self.refresh_window()
@@ -591,13 +592,17 @@ def _check_options(options: dict) -> None:
     _REMOTE_CALL.options(**options)
 
 
-def _capacity(options: dict) -> int:
-    """How many calls of this shape the whole cluster can run at once (at least 1)."""
+def _capacity(options: dict, unbounded: int | None = None) -> int:
+    """How many calls of this shape the whole cluster can run at once (at least 1). A shape
+    that takes no resources has no such limit: `unbounded` if given, else the cluster's CPUs
+    (the default max_workers)."""
     total = rayx.cluster_resources()
     wanted = {"CPU": options["num_cpus"], "GPU": options["num_gpus"],
               **(options["resources"] or {})}
     fits = [total.get(name, 0.0) / amount for name, amount in wanted.items() if amount]
-    return max(1, int(min(fits))) if fits else max(1, int(total.get("CPU", 1)))
+    if fits:
+        return max(1, int(min(fits)))
+    return unbounded if unbounded is not None else max(1, int(total.get("CPU", 1)))
 
 
 def _batched(iterable: Iterable, n: int) -> Iterator[tuple]:

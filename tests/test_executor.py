@@ -228,6 +228,41 @@ def test_max_workers_caps_concurrency(rayx_cluster):
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
 
 
+def _most_at_once(spans) -> int:
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_max_workers_caps_calls_that_take_no_resources(rayx_cluster):
+    with RayxExecutor(max_workers=2, num_cpus=0) as ex:
+        spans = list(ex.map(interval, [0.3] * 6))
+    assert _most_at_once(spans) == 2, spans
+
+
+def test_default_executor_sends_one_call_ahead_as_a_process_pool_does(rayx_cluster):
+    with RayxExecutor() as ex:
+        assert ex._max_workers == 2  # the cluster's CPUs
+        futures = [ex.submit(time.sleep, 1.0) for _ in range(6)]
+        cancelled = [f.cancel() for f in futures]
+        assert cancelled == [False, False, False, True, True, True]
+
+
+def test_gpu_and_custom_resource_executors(rayx_cluster):
+    with RayxExecutor(num_cpus=0, num_gpus=1) as ex:
+        assert ex._max_workers == 4  # the fixture's 4 virtual GPUs
+        assert all(len(ids) == 1 for ids in ex.map(lambda _: rayx.get_gpu_ids(), range(4)))
+    with RayxExecutor(num_cpus=1, num_gpus=1) as ex:
+        assert ex._max_workers == 2  # CPUs run out first
+    with RayxExecutor(num_cpus=0, resources={"custom": 1}) as ex:
+        assert ex._max_workers == 2
+        spans = list(ex.map(interval, [0.3] * 4))
+    assert _most_at_once(spans) <= 2, spans
+
+
 def test_lambdas_and_closures(executor):
     offset = 10
     assert executor.submit(lambda x: x + offset, 5).result() == 15
