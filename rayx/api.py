@@ -218,9 +218,12 @@ def kill(actor, *, no_restart: bool = True) -> None:
 
 
 def kill_quietly(actor_id: str) -> None:
+    """For ActorHandle.__del__, which can run inside a gRPC call's locks (a GC pass): the kill
+    is sent from the timer thread."""
     c = _core
     if c is not None and not c.closed:
-        rpc.call_async(c.head.KillActor, pb.KillActorRequest(actor_id=actor_id, no_restart=True))
+        request = pb.KillActorRequest(actor_id=actor_id, no_restart=True)
+        c.timers.call_later(0, lambda: rpc.call_async(c.head.KillActor, request))
 
 
 def lookup_actor(name: str):
@@ -297,8 +300,11 @@ class RuntimeContext:
         return core().client_id
 
     def get_task_id(self) -> str | None:
-        cur = getattr(_worker, "current", None)
-        return cur.task_id if cur is not None else None
+        if _worker is None:
+            return None
+        from rayx.worker import current_task_id
+
+        return current_task_id.get()
 
     def get_actor_id(self) -> str | None:
         return getattr(_worker, "actor_id", None) or None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 
 from rayx import ids, rpc, serialization, wire
 from rayx.actor_submitter import ActorSubmitter
@@ -59,6 +60,8 @@ class CoreClient:
         self._node_stubs: dict[str, object] = {node_address: self.node}
         self.table = OwnershipTable()
         self.timers = Timers().start()
+        self._released: deque[str] = deque()  # refs dropped in __del__, released by the timers
+        self._release_scheduled = False
         self._owned_listener = listener is None
         if listener is None:
             listener = wire.Listener(listen_address(session_dir, self.client_id, settings),
@@ -104,10 +107,25 @@ class CoreClient:
         self.node.SealObject(pb.SealRequest(object_id=oid, size=so.size, owner_id=owner_id))
         return ("s", self.node_id, self.node_address, so.size)
 
-    def release_ref(self, oid: str) -> None:
-        desc = self.table.remove_ref(oid)
-        if desc is not None and desc[0] == "s" and not self.closed:
-            self._free([(oid, desc)])
+    def release_ref_soon(self, oid: str) -> None:
+        """For ObjectRef.__del__, which can run inside any lock of any thread (a GC pass in
+        the middle of a gRPC call, of the ownership table...): only queue the release here;
+        the timer thread takes the locks and sends the frees."""
+        self._released.append(oid)
+        if not self._release_scheduled and not self.closed:
+            self._release_scheduled = True
+            self.timers.call_later(0, self._release_queued)
+
+    def _release_queued(self) -> None:
+        self._release_scheduled = False  # before draining: a ref dropped from now on re-arms
+        to_free = []
+        while self._released:
+            oid = self._released.popleft()
+            desc = self.table.remove_ref(oid)
+            if desc is not None and desc[0] == "s":
+                to_free.append((oid, desc))
+        if to_free and not self.closed:
+            self._free(to_free)
 
     def _free(self, items) -> None:
         by_node: dict[str, list[str]] = {}

@@ -39,7 +39,7 @@ class ObjectRef:
         core = self._core
         if core is not None:
             try:
-                core.release_ref(self.id)
+                core.release_ref_soon(self.id)
             except Exception:  # interpreter shutdown: modules may already be gone
                 pass
 

@@ -11,6 +11,7 @@ them on one event loop thread. When the node manager's connection closes, the wo
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import queue
 import signal
@@ -25,6 +26,11 @@ from rayx.core import CoreClient, listen_address
 from rayx.exceptions import RayxTaskError, TaskCancelledError
 from rayx.protocol import rayx_pb2 as pb
 from rayx.task_spec import ActorCreation, TaskSpec
+
+# The id of the task or actor call running in this thread or asyncio task (threaded and async
+# actors run several at once), for get_runtime_context().
+current_task_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "rayx_task_id", default=None)
 
 
 class Worker:
@@ -142,6 +148,7 @@ class Worker:
             if not spec.actor_id:  # an actor keeps the environment it was created with
                 self._set_env(spec)
             self.current = spec
+        token = current_task_id.set(spec.task_id)
         try:
             fn = self._callable(spec)
             args, kwargs = self._resolve(spec)
@@ -156,6 +163,7 @@ class Worker:
         except Exception as exc:
             return _error_descs(spec, _task_error(spec, exc))
         finally:
+            current_task_id.reset(token)
             self.current = None
             self.cancelled.discard(spec.task_id)
 
@@ -241,9 +249,10 @@ class Worker:
         try:
             cls = serialization.loads(creation.cls_bytes)
             args, kwargs = self._resolve(spec)
+            self.actor_id = creation.actor_id  # the constructor may ask for it
             self.actor = cls(*args, **kwargs)
-            self.actor_id = creation.actor_id
         except Exception as exc:
+            self.actor_id = ""
             err = _task_error(spec, exc)
             error = _error_descs(spec, err, 1)[0][1]
         if error is None:
@@ -271,6 +280,7 @@ class Worker:
 
     async def _run_async_call(self, conn, spec: TaskSpec) -> None:
         async with self._semaphore:
+            current_task_id.set(spec.task_id)  # this asyncio task's own context
             try:
                 method = getattr(self.actor, spec.method)
                 args, kwargs = await asyncio.to_thread(self._resolve, spec)

@@ -84,7 +84,9 @@ class WorkerPool:
                     rec.state = "idle"
                     if rec.prestarted:
                         self.idle.append(rec)
-                        self.idle_cond.notify()
+                    # every waiter looks again: one takes this worker, the others see whether
+                    # a prestarted worker is still starting, else fork their own at once
+                    self.idle_cond.notify_all()
             rec.ready.set()
         elif kind == "actor_created":
             rec = conn.peer

@@ -6,7 +6,10 @@ outlived the tests.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
+import threading
 import time
 
 import psutil
@@ -46,6 +49,33 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(interval)
+
+
+HARD_DEADLINE_GRACE = 60.0  # seconds past a test's pytest-timeout before the run is ended
+
+
+def _end_the_run(config, nodeid: str) -> None:
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)  # so what follows reaches the terminal
+    sys.stderr.write(f"\n{nodeid} is still stuck {HARD_DEADLINE_GRACE:.0f} s after its timeout "
+                     "(a cleanup that waits forever): ending the test run\n")
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(3)
+
+
+@pytest.fixture(autouse=True)
+def hard_deadline(request):
+    """pytest-timeout fails a stuck test by raising in it; if its cleanup then blocks too (an
+    executor's shutdown waiting on a call that never ends), end the run instead of stalling."""
+    marker = request.node.get_closest_marker("timeout")
+    limit = marker.args[0] if marker and marker.args else request.config.getini("timeout")
+    timer = threading.Timer(float(limit or 120) + HARD_DEADLINE_GRACE, _end_the_run,
+                            args=(request.config, request.node.nodeid))
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -412,9 +412,6 @@ def test_runtime_context_in_an_actor(three_nodes):
     rayx.kill(actor)
 
 
-@pytest.mark.xfail(reason="runtime bug (rayx/worker.py, rayx/api.py): in an actor's "
-                   "constructor get_actor_id() is None, and in threaded or async actors "
-                   "get_task_id() is None")
 def test_runtime_context_in_constructors_and_concurrent_actors(three_nodes):
     @rayx.remote(resources={"b": 0.1})
     class Built:
