@@ -1,6 +1,8 @@
 """Normal-task submission: leases per resource shape, tasks pushed straight to leased workers.
 
     submit(spec) -> queue of its shape --pump--> leased worker ("task", spec)
+                    (shape: resources, strategy, affinity, and the node holding most of its
+                     argument bytes when that is another node: the lease is asked there)
                        |                           |
            RequestLease (gRPC, one at a time)      ("done", task_id, descs) -> finish_task
            RETRY -> backoff; SPILLBACK -> ask that node; INFEASIBLE -> fail the queue
@@ -44,6 +46,7 @@ class ShapeQueue:
     resources: dict
     strategy: str
     affinity: str
+    home: str = ""  # the node to ask for leases first (its arguments live there); "" = ours
     queue: deque = field(default_factory=deque)
     leases: list = field(default_factory=list)
     requesting: bool = False
@@ -65,8 +68,25 @@ def echo_output(text: str, err: bool) -> None:
     stream.flush()
 
 
-def shape_key(spec: TaskSpec) -> tuple:
-    return (tuple(sorted(spec.resources.items())), spec.strategy, spec.node_affinity)
+def shape_key(spec: TaskSpec, local_node: str = "") -> tuple:
+    return (tuple(sorted(spec.resources.items())), spec.strategy, spec.node_affinity,
+            _home_node(spec, local_node))
+
+
+def _home_node(spec: TaskSpec, local_node: str) -> str:
+    """The address of the node holding most of the task's argument bytes in its store, when
+    that is not `local_node` and the task has no placement of its own: a task goes to its
+    data rather than pulling it over the network. "" means no preference."""
+    if spec.strategy != "DEFAULT" or spec.node_affinity:
+        return ""
+    per_node: dict[str, int] = {}
+    for a in (*spec.args, *spec.kwargs.values()):
+        if a[0] == "r" and a[3] is not None and a[3][0] == "s":
+            per_node[a[3][2]] = per_node.get(a[3][2], 0) + a[3][3]
+    if not per_node:
+        return ""
+    best = max(per_node, key=per_node.get)
+    return "" if best == local_node else best
 
 
 class TaskSubmitter:
@@ -80,12 +100,12 @@ class TaskSubmitter:
         self.closed = False
 
     def submit(self, spec: TaskSpec) -> None:
-        key = shape_key(spec)
+        key = shape_key(spec, self.core.node_address)
         with self.lock:
             sq = self.shapes.get(key)
             if sq is None:
                 sq = self.shapes[key] = ShapeQueue(spec.resources, spec.strategy,
-                                                   spec.node_affinity)
+                                                   spec.node_affinity, key[3])
             if spec.task_id in self.cancelled:
                 self.cancelled.discard(spec.task_id)
                 cancelled = True
@@ -114,7 +134,7 @@ class TaskSubmitter:
             except ConnectionError:
                 break  # the close callback requeues what this lease held
         if sq.queue and not sq.requesting and not sq.retry_scheduled and not self.closed:
-            self._request_lease(key, sq, self.core.node_address)
+            self._request_lease(key, sq, sq.home or self.core.node_address)
         now = time.monotonic()
         for lease in sq.leases:
             if not lease.inflight and not lease.idle_since:
@@ -143,6 +163,7 @@ class TaskSubmitter:
             reply = fut.result()
         except Exception as exc:
             if address != self.core.node_address:  # a remote node died: ask our own again
+                sq.home = ""
                 reply = pb.LeaseReply(status="RETRY")
             else:
                 with self.lock:
@@ -322,7 +343,7 @@ class TaskSubmitter:
     def cancel(self, spec: TaskSpec, force: bool) -> None:
         """Drop a queued task, or ask its worker to interrupt it (force: kill the worker)."""
         with self.lock:
-            sq = self.shapes.get(shape_key(spec))
+            sq = self.shapes.get(shape_key(spec, self.core.node_address))
             if sq is not None and spec in sq.queue:
                 sq.queue.remove(spec)
                 queued = True

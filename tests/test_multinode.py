@@ -447,3 +447,23 @@ def test_leases_a_dead_owner_held_on_another_node_are_released(three_nodes, tmp_
 
     _kill_an_owner_holding_a_lease(tmp_path, {"num_cpus": 0, "resources": {"a": 0.5}},
                                    {"num_cpus": 0, "resources": {"b": 1}}, "b")
+
+
+def test_a_task_goes_to_the_node_holding_its_large_arguments(three_nodes):
+    @rayx.remote(num_cpus=0, resources={"b": 0.5})
+    def make():
+        return np.ones(2_000_000)  # 16 MB: stored in node b's store
+
+    @rayx.remote(num_cpus=1)
+    def use(array, small):
+        return rayx.get_runtime_context().get_node_id(), float(array.sum()) + small
+
+    node_b = _node_with("b")
+    data = make.remote()
+    rayx.wait([data], timeout=30)
+    # The driver's own node (the head) has a free CPU, yet each task is leased where its
+    # argument lives instead of pulling 16 MB across.
+    for i in range(3):
+        assert rayx.get(use.remote(data, i), timeout=30) == (node_b, 2_000_000.0 + i)
+    # a small argument makes no preference: such tasks may run anywhere
+    assert rayx.get(use.remote(np.ones(1), 1), timeout=30)[1] == 2.0
