@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rayx import cluster, rpc, serialization
+from rayx import cluster, rpc, serialization, wire
 from rayx.config import Settings, load_settings
 from rayx.core import CoreClient
 from rayx.exceptions import InvalidOptionError, RayxError
@@ -53,6 +53,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                                "or pass ignore_reinit_error=True")
         _check_settings(settings)
         conf = _settings or load_settings(**settings)
+        wire.configure_tls(conf)
         if address is None and os.environ.get("RAYX_ADDRESS"):
             address = os.environ["RAYX_ADDRESS"]
         if address is not None:

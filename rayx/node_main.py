@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from rayx import rpc
+from rayx import rpc, wire
 from rayx.cluster import ready_path
 from rayx.config import load_settings, socket_path
 from rayx.head import HeadService
@@ -25,6 +25,7 @@ from rayx.protocol import rayx_pb2_grpc
 def run(config: dict) -> None:
     """Serve one node until told to stop, then tear everything of it down."""
     settings = load_settings()
+    wire.configure_tls(settings)
     session_dir, node_id, token = config["session_dir"], config["node_id"], config["token"]
     tls = rpc.server_tls(settings)
     server, port = rpc.make_server(token, f"{config['host']}:{config.get('port', 0)}", tls=tls)

@@ -5,8 +5,10 @@
     <-- u64 size (or 2**64-1: not here) --  <-- the file's bytes, sendfile() in 16 MiB chunks --
     puller receives straight into the reserved store file (recv_into a mapping of it)
 
-gRPC streaming copies every chunk several times in Python; this path moves a 1 GB object across
-at memory-bandwidth speeds (docs/performance.md). The request still carries the cluster token.
+gRPC streaming copies every chunk several times in Python; this path avoids that (see
+docs/performance.md for what it reaches). The request carries the cluster token; with TLS
+configured (wire.configure_tls) both ends speak TLS and the file is sent with send() instead of
+sendfile().
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import logging
 import mmap
 import os
 import socket
+import ssl
 import struct
 import threading
 
+from rayx import wire
 from rayx.exceptions import ObjectLostError
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,14 @@ class TransferServer:
             threading.Thread(target=self._serve, args=(conn,), name="rayx-transfer-send",
                              daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, raw: socket.socket) -> None:
+        raw.settimeout(30)  # for the handshake and request; sends may block on a slow puller
+        try:
+            conn = wire.tls_server_socket(raw)
+        except OSError as exc:  # not TLS, or a certificate we do not trust
+            log.warning("refused an object pull: TLS failed (%s)", exc)
+            raw.close()
+            return
         with conn:
             try:
                 line = conn.makefile("rb").readline(512).decode().split()
@@ -73,9 +84,7 @@ class TransferServer:
                 try:
                     size = os.fstat(fd).st_size
                     conn.sendall(_SIZE.pack(size))
-                    sent = 0
-                    while sent < size:
-                        sent += os.sendfile(conn.fileno(), fd, sent, min(_CHUNK, size - sent))
+                    _send_file(conn, fd, size)
                 finally:
                     os.close(fd)
             except OSError:
@@ -97,7 +106,13 @@ def pull(host: str, port: int, token: str, object_id: str, me: str,
          reserve) -> tuple[str, int]:
     """Fetch an object from a node's TransferServer into this store; `reserve(size)` returns
     the path to write. Returns (path written, size); raises ObjectLostError if it is not there."""
-    with socket.create_connection((host, port), timeout=30) as sock:
+    raw = socket.create_connection((host, port), timeout=30)
+    try:
+        sock = wire.tls_client_socket(raw, host)
+    except BaseException:
+        raw.close()
+        raise
+    with sock:
         sock.settimeout(600)
         sock.sendall(f"{token} {object_id} {me}\n".encode())
         head = _recv_exact(sock, _SIZE.size)
@@ -109,20 +124,44 @@ def pull(host: str, port: int, token: str, object_id: str, me: str,
         fd = os.open(tmp, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, size)
-            with mmap.mmap(fd, size) as mm:
-                view = memoryview(mm)
-                got = 0
+            with mmap.mmap(fd, size) as mm, memoryview(mm) as view:  # released first, even
+                got = 0                                              # when the sender fails
                 while got < size:
-                    n = sock.recv_into(view[got:], min(_CHUNK, size - got))
+                    with view[got:] as rest:
+                        n = sock.recv_into(rest, min(_CHUNK, size - got))
                     if n == 0:
                         raise ObjectLostError(f"the node at {host}:{port} went away while "
                                               f"sending object {object_id}")
                     got += n
-                view.release()
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
         finally:
             os.close(fd)
         os.rename(tmp, path)
         return path, size
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _send_file(conn: socket.socket, fd: int, size: int) -> None:
+    """sendfile() straight from the store file; under TLS the bytes must pass through it."""
+    sent = 0
+    if isinstance(conn, ssl.SSLSocket):
+        while sent < size:
+            chunk = os.pread(fd, min(_CHUNK, size - sent), sent)
+            if not chunk:
+                raise OSError("the store file is shorter than it was")
+            conn.sendall(chunk)
+            sent += len(chunk)
+        return
+    while sent < size:
+        sent += os.sendfile(conn.fileno(), fd, sent, min(_CHUNK, size - sent))
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -3,7 +3,10 @@
     sender thread --send(msg)--> [u32 length | pickle] --> reader thread --handler(conn, msg)
 
 Messages are tuples whose first item names the message (see worker.py and core.py). A connection
-owns one reader thread; `close()` stops it and the `on_close` callback runs exactly once. gRPC
+owns one reader thread; `close()` stops it and the `on_close` callback runs exactly once. When
+the process's settings name TLS certificates (configure_tls), TCP connections run TLS through
+memory BIOs, so the reader thread and the senders never use one SSL object at the same time;
+Unix sockets stay plain (they never leave the machine and are mode 0600). gRPC
 carries the control plane; this channel was chosen for the per-task path because a framed Unix
 socket round trip costs a fraction of a Python gRPC unary call (docs/performance.md).
 """
@@ -15,6 +18,7 @@ import logging
 import os
 import pickle
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable
@@ -25,6 +29,138 @@ _BIG = 0xFFFFFFFF
 _BIGLEN = struct.Struct("<Q")
 _HELLO = b"RXH1"  # the first frame of a connection: these bytes and the token, never pickled
 _HELLO_MAX = 4096  # a longer first frame is refused before it is read
+
+
+_tls_server: ssl.SSLContext | None = None  # set by configure_tls: TLS on TCP channels
+_tls_client: ssl.SSLContext | None = None
+
+
+def configure_tls(settings) -> None:
+    """Use TLS on this process's TCP channels (task pushes and replies, object pulls) when its
+    settings name certificates, as its gRPC channels do: a certificate makes servers speak TLS,
+    and with a CA they also demand client certificates; a CA or certificate makes clients
+    speak TLS and check the server's certificate against that CA."""
+    global _tls_server, _tls_client
+    server = client = None
+    if settings.tls_cert:
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+        if settings.tls_ca:
+            server.load_verify_locations(settings.tls_ca)
+            server.verify_mode = ssl.CERT_REQUIRED
+    if settings.tls_ca or settings.tls_cert:
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if settings.tls_ca:
+            client.load_verify_locations(settings.tls_ca)
+        else:
+            client.load_default_certs()
+        if settings.tls_cert:
+            client.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    _tls_server, _tls_client = server, client
+
+
+def tls_server_socket(sock: socket.socket) -> socket.socket:
+    """For half-duplex TCP exchanges (object pulls): the accepted socket, under TLS if set."""
+    if _tls_server is None:
+        return sock
+    return _tls_server.wrap_socket(sock, server_side=True)
+
+
+def tls_client_socket(sock: socket.socket, host: str) -> socket.socket:
+    """The connected socket of a half-duplex exchange, under TLS if this process uses it."""
+    if _tls_client is None:
+        return sock
+    return _tls_client.wrap_socket(sock, server_hostname=host)
+
+
+class _TlsSession:
+    """TLS over one socket through memory BIOs. `lock` serializes every use of the SSL
+    object; the owning Connection's send lock orders the records on the wire."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool,
+                 hostname: str | None = None):
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                server_hostname=hostname)
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                with self.lock:
+                    self.obj.do_handshake()
+                self._flush()
+                self.ready.set()
+                return
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("the peer closed the connection during the TLS "
+                                          "handshake (does it use TLS too?)") from None
+                with self.lock:
+                    self.incoming.write(data)
+
+    def _flush(self) -> None:
+        with self.lock:
+            data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def send(self, data: bytes) -> None:
+        """Encrypt and send; the caller holds the connection's send lock."""
+        with self.lock:
+            view = memoryview(data)
+            while view:
+                view = view[self.obj.write(view):]
+            out = self.outgoing.read()
+        self.sock.sendall(out)
+
+    def receive(self, send_lock: threading.Lock) -> bytes:
+        """Plain bytes from the next records; b"" when the peer closed."""
+        while True:
+            raw = self.sock.recv(1 << 18)
+            if not raw:
+                return b""
+            with send_lock:  # what reading makes the SSL object write goes out in order
+                with self.lock:
+                    self.incoming.write(raw)
+                    chunks = []
+                    try:
+                        while chunk := self.obj.read(1 << 18):
+                            chunks.append(chunk)
+                    except ssl.SSLWantReadError:
+                        pass
+                    except ssl.SSLZeroReturnError:
+                        return b"".join(chunks)
+                    out = self.outgoing.read()
+                if out:
+                    self.sock.sendall(out)
+            if chunks:
+                return b"".join(chunks)
+
+
+class _TlsReader:
+    """The file-like read(n) the framed read loop needs, over a TLS session."""
+
+    def __init__(self, session: _TlsSession, send_lock: threading.Lock):
+        self.session, self.send_lock = session, send_lock
+        self.buf = bytearray()
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            data = self.session.receive(self.send_lock)
+            if not data:
+                break
+            self.buf += data
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def close(self) -> None:
+        self.buf.clear()
 
 
 def parse_address(address: str) -> tuple[int, object]:
@@ -42,8 +178,10 @@ class Connection:
     """One framed, bidirectional socket with a reader thread."""
 
     def __init__(self, sock: socket.socket, handler: Callable, on_close: Callable | None = None,
-                 name: str = "rayx-conn", expect_token: str | None = None):
+                 name: str = "rayx-conn", expect_token: str | None = None,
+                 tls: _TlsSession | None = None):
         self.sock = sock
+        self.tls = tls
         self.expect_token = expect_token  # accepted connections must send the hello frame first
         self.handler = handler
         self.on_close = on_close
@@ -64,11 +202,15 @@ class Connection:
     def _send_frame(self, data: bytes) -> None:
         n = len(data)
         head = _LEN.pack(n) if n < _BIG else _LEN.pack(_BIG) + _BIGLEN.pack(n)
+        if self.tls is not None and not self.tls.ready.wait(30):
+            raise ConnectionError("the TLS handshake did not finish")
         with self._send_lock:
             if self.closed:
                 raise ConnectionError("connection closed")
             try:
-                if n < 65536:
+                if self.tls is not None:
+                    self.tls.send(head + data)
+                elif n < 65536:
                     self.sock.sendall(head + data)
                 else:
                     self.sock.sendall(head)
@@ -77,8 +219,14 @@ class Connection:
                 raise ConnectionError(str(exc)) from exc
 
     def _read_loop(self) -> None:
-        f = self.sock.makefile("rb", buffering=1 << 16)
+        f = None
         try:
+            if self.tls is not None:
+                if not self.tls.ready.is_set():  # accepted: the handshake happens here, off
+                    self.tls.handshake()          # the accept loop
+                f = _TlsReader(self.tls, self._send_lock)
+            else:
+                f = self.sock.makefile("rb", buffering=1 << 16)
             while True:
                 head = f.read(4)
                 if len(head) < 4:
@@ -95,10 +243,15 @@ class Connection:
                 if len(data) < n:
                     break
                 self.handler(self, pickle.loads(data))
-        except (OSError, ValueError, EOFError):
+        except ssl.SSLError as exc:
+            log.warning("refused a connection: TLS failed (%s)", exc)
+        except (OSError, ValueError, EOFError, ConnectionError):
             pass
         finally:
-            f.close()
+            if f is not None:
+                f.close()
+            if self.tls is not None:
+                self.tls.ready.set()  # senders waiting on a failed handshake fail now
             self.close()
 
     def _authenticate(self, frame: bytes) -> bool:
@@ -134,10 +287,18 @@ def connect(address: str, token: str, handler: Callable, on_close: Callable | No
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     sock.connect(sockaddr)
-    sock.settimeout(None)
+    tls = None
     if family == socket.AF_INET:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    conn = Connection(sock, handler, on_close, name=f"rayx-conn-{address}")
+        if _tls_client is not None:
+            tls = _TlsSession(sock, _tls_client, server_side=False, hostname=sockaddr[0])
+            try:
+                tls.handshake()
+            except BaseException:
+                sock.close()
+                raise
+    sock.settimeout(None)
+    conn = Connection(sock, handler, on_close, name=f"rayx-conn-{address}", tls=tls)
     conn._send_frame(_HELLO + token.encode())
     return conn.start()
 
@@ -180,13 +341,17 @@ class Listener:
                 sock, _ = self.sock.accept()
             except OSError:
                 return
+            tls = None
             if sock.family == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if _tls_server is not None:
+                    tls = _TlsSession(sock, _tls_server, server_side=True)
             with self._lock:
                 if self._stopped:
                     sock.close()
                     return
-                conn = Connection(sock, self.handler, self._closed, expect_token=self.token)
+                conn = Connection(sock, self.handler, self._closed, expect_token=self.token,
+                                  tls=tls)
                 self.connections.add(conn)
             if self.on_accept is not None:
                 self.on_accept(conn)

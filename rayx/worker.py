@@ -40,6 +40,7 @@ class Worker:
         self.worker_id = worker_id
         self.config = config
         self.settings = load_settings()
+        wire.configure_tls(self.settings)
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
         self.functions: dict[str, object] = {}
         self.calls: dict[str, int] = {}  # function id -> runs, for max_calls

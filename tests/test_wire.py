@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 
-from rayx import wire
+import pytest
+
+from rayx import transfer, wire
+from rayx.config import load_settings
+from rayx.exceptions import ObjectLostError
 
 from .conftest import wait_for
 
@@ -80,3 +87,95 @@ def test_a_peer_with_the_token_is_served():
         conn.close()
     finally:
         lst.stop()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=rayx-test", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+@pytest.fixture
+def tls(certificate):
+    cert, key = certificate
+    wire.configure_tls(load_settings(tls_cert=cert, tls_key=key, tls_ca=cert))
+    yield certificate
+    wire.configure_tls(load_settings(tls_cert="", tls_key="", tls_ca=""))
+
+
+def test_tls_channel_carries_frames_both_ways_from_many_threads(tls):
+    received: list = []
+    lst = wire.Listener("tcp:127.0.0.1:0", "secret",
+                        lambda conn, msg: (received.append(msg), conn.send(("echo", msg[1]))))
+    lst.start()
+    replies: list = []
+    try:
+        conn = wire.connect(lst.address, "secret", lambda c, m: replies.append(m))
+        assert conn.tls is not None
+        big = os.urandom(3 << 20)
+        senders = [threading.Thread(target=lambda i=i: [conn.send(("n", (i, k)))
+                                                        for k in range(200)]) for i in range(4)]
+        for t in senders:
+            t.start()
+        conn.send(("n", big))
+        for t in senders:
+            t.join()
+        wait_for(lambda: len(replies) == 801, 20, what="every echo")
+        assert big in [m[1] for m in replies]
+        for i in range(4):  # each sender's frames arrive in its order
+            assert [m[1][1] for m in received if isinstance(m[1], tuple) and m[1][0] == i] == \
+                list(range(200))
+        conn.close()
+    finally:
+        lst.stop()
+
+
+def test_tls_listener_refuses_plain_and_certificate_less_peers(tls, tmp_path):
+    cert, _ = tls
+    received: list = []
+    lst = _listener(received)
+    try:
+        family, addr = wire.parse_address(lst.address)
+        with socket.create_connection(addr, timeout=5) as sock:  # plain TCP, right token
+            _raw_send(sock, b"RXH1secret")
+            _raw_send(sock, pickle.dumps(("ping",)))
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+        no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        no_cert.load_verify_locations(cert)
+        with socket.create_connection(addr, timeout=5) as raw:
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                with no_cert.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                    _raw_send(sock, b"RXH1secret")
+                    sock.recv(1)
+                    raise ConnectionError("closed")
+        assert received == []
+    finally:
+        lst.stop()
+
+
+def test_object_pull_under_tls(tls, tmp_path):
+    src = tmp_path / "object"
+    data = os.urandom(5 << 20)
+    src.write_bytes(data)
+    server = transfer.TransferServer("127.0.0.1", "secret", lambda oid, who: str(src)).start()
+    try:
+        dest = tmp_path / "copy"
+        path, size = transfer.pull("127.0.0.1", server.port, "secret", "oid", "me",
+                                   lambda n: str(dest))
+        assert size == len(data) and open(path, "rb").read() == data
+        wire.configure_tls(load_settings(tls_cert="", tls_key="", tls_ca=""))  # a plain puller
+        with pytest.raises((ObjectLostError, OSError)):
+            transfer.pull("127.0.0.1", server.port, "secret", "oid", "me",
+                          lambda n: str(tmp_path / "plain"))
+    finally:
+        server.stop()
