@@ -160,6 +160,7 @@ def _send_file(conn: socket.socket, fd: int, size: int) -> None:
             conn.sendall(chunk)
             sent += len(chunk)
         return
+    conn.settimeout(None)  # os.sendfile needs a blocking socket (a timeout makes it non-blocking)
     while sent < size:
         sent += os.sendfile(conn.fileno(), fd, sent, min(_CHUNK, size - sent))
 

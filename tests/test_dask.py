@@ -253,6 +253,27 @@ def test_progress_bar(rayx_cluster, capsys):
     assert "100% Completed" in capsys.readouterr().out
 
 
+def test_callbacks_passed_to_compute(rayx_cluster):
+    """As Dask's own schedulers take them: the tuples of Callback._callback."""
+    rec = Recorder()
+    x = dask.delayed(inc)(1)
+    assert dask.compute(x, scheduler=rayx.dask.get, callbacks=[rec._callback]) == (2,)
+    assert rec.events[0] == "start" and rec.events[-1] == ("finish", False)
+    assert [e for e in rec.events if isinstance(e, tuple) and e[0] == "post"]
+
+
+def test_profiler_and_cache_profiler_record_every_task(rayx_cluster):
+    from dask.diagnostics import CacheProfiler, Profiler
+
+    x = da.ones((40, 40), chunks=10)
+    y = (x + 1).sum()
+    with Profiler() as prof, CacheProfiler() as cprof:
+        assert y.compute(scheduler=rayx.dask.get) == 3200
+    assert len(prof.results) >= 16  # at least one record per chunk's task
+    assert all(r.end_time >= r.start_time for r in prof.results)
+    assert len(cprof.results) == len(prof.results)  # one cache record per finished task
+
+
 def test_exceptions_keep_their_type_and_finish_reports_error(rayx_cluster):
     dsk = {"x": 1, "y": (boom, "x"), "z": (inc, "y")}
     with Recorder() as rec, pytest.raises(ValueError, match="bad input 1"):
