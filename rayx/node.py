@@ -157,13 +157,19 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         return self._nodes_cache
 
     def _spill_target(self, need: dict, available: bool, only: str = "") -> pb.NodeInfo | None:
+        """Another node where `need` fits: now (by its last heartbeat), or ever. Of those that
+        fit now, the one with the most of the asked resources free, so a busy cluster's work
+        reaches its idlest node rather than the first one listed."""
+        fits = []
         for n in self._nodes():
             if n.node_id == self.node_id or (only and n.node_id != only):
                 continue
             amounts = n.available.amounts if available else n.total.amounts
             if all(amounts.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
-                return n
-        return None
+                if not available:
+                    return n
+                fits.append((sum(amounts.get(k, 0.0) for k in need), n.node_id, n))
+        return max(fits, key=lambda f: f[:2])[2] if fits else None
 
     def _spread_target(self, need: dict) -> pb.NodeInfo | None:
         """The node with the most free CPU among those where the task fits now."""
