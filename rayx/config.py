@@ -37,6 +37,11 @@ class Settings:
     log_to_driver: bool = True
     # this host's address in a cluster that spans hosts ("" on one machine: Unix sockets)
     node_ip: str = ""
+    # bytes of store objects a process keeps mapped after use, so the next task reading the
+    # same object finds its pages mapped (no page faults); a freed object's mapping is dropped
+    # within map_cache_sweep seconds. 0 turns the cache off.
+    map_cache_bytes: int = 4 * 1024 * 1024 * 1024
+    map_cache_sweep: float = 1.0
     # TLS for every gRPC call: PEM files (certificate and key of this process, CA to trust)
     tls_cert: str = ""
     tls_key: str = ""

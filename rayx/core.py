@@ -28,7 +28,7 @@ from rayx.exceptions import (
     TaskCancelledError,
 )
 from rayx.object_ref import ObjectRef
-from rayx.object_store import map_object, write_object
+from rayx.object_store import MapCache, map_object, write_object
 from rayx.ownership import OwnershipTable
 from rayx.protocol import rayx_pb2 as pb
 from rayx.submitter import TaskSubmitter
@@ -60,6 +60,7 @@ class CoreClient:
         self._node_stubs: dict[str, object] = {node_address: self.node}
         self.table = OwnershipTable()
         self.timers = Timers().start()
+        self.maps = MapCache(settings.map_cache_bytes, settings.map_cache_sweep, self.timers)
         self._released: deque[str] = deque()  # refs dropped in __del__, released by the timers
         self._release_scheduled = False
         self._owned_listener = listener is None
@@ -310,17 +311,20 @@ class CoreClient:
         raise RayxError(f"unknown object descriptor {kind!r}")
 
     def _map(self, oid: str, desc: tuple) -> memoryview:
+        view = self.maps.get(oid)
+        if view is not None:
+            return view
         path = os.path.join(self.store_dir, oid)
         if desc[1] == self.node_id:
             try:
-                return map_object(path)
+                return self.maps.put(oid, path, map_object(path))
             except FileNotFoundError:
                 pass
         reply = self.node.RestoreObject(pb.RestoreRequest(
             object_id=oid, from_node=desc[2] if desc[1] != self.node_id else ""))
         if not reply.ok:
             raise ObjectLostError(f"object {oid} is lost: {reply.error}")
-        return map_object(reply.path)
+        return self.maps.put(oid, reply.path, map_object(reply.path))
 
     def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None):
         """Ready and not-ready refs, once num_returns are ready or the timeout passes."""
@@ -448,6 +452,7 @@ class CoreClient:
         self.submitter.close()
         self.actors.close()
         self.timers.stop()
+        self.maps.clear()
         with self._lock:
             conns = list(self._owner_conns.values())
         for c in conns:

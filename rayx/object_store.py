@@ -166,6 +166,69 @@ def write_object(path: str, obj: SerializedObject) -> None:
     os.rename(path + ".tmp", path)  # readers never see a half-written object
 
 
+class MapCache:
+    """Mappings of store objects this process read, kept for the next read of the same
+    object: a broadcast argument read by many tasks on one worker maps (and page-faults) once.
+
+    Objects are immutable, so a kept mapping is always right while its file exists. Each hit
+    checks that the file is still there (a freed or spilled object's file is gone), and a
+    sweep on the timer thread drops the mappings of gone files every `sweep` seconds, so a
+    freed object's memory is held at most that much longer. Least recently used entries go
+    first when the cache holds more than `capacity` bytes.
+    """
+
+    def __init__(self, capacity: int, sweep: float, timers):
+        self.capacity, self.sweep, self.timers = capacity, sweep, timers
+        self._entries: OrderedDict[str, tuple[str, memoryview]] = OrderedDict()
+        self._bytes = 0
+        self._sweeping = False
+        self._lock = threading.Lock()
+
+    def get(self, object_id: str) -> memoryview | None:
+        with self._lock:
+            entry = self._entries.get(object_id)
+            if entry is None:
+                return None
+            if not os.path.exists(entry[0]):
+                self._drop(object_id)
+                return None
+            self._entries.move_to_end(object_id)
+            return entry[1]
+
+    def put(self, object_id: str, path: str, view: memoryview) -> memoryview:
+        if view.nbytes > self.capacity:
+            return view
+        with self._lock:
+            if object_id in self._entries:
+                self._drop(object_id)
+            self._entries[object_id] = (path, view)
+            self._bytes += view.nbytes
+            while self._bytes > self.capacity:
+                self._drop(next(iter(self._entries)))
+            if not self._sweeping:
+                self._sweeping = True
+                self.timers.call_later(self.sweep, self._sweep)
+        return view
+
+    def _drop(self, object_id: str) -> None:
+        """Lock held. The mapping itself goes when the last value made from it goes."""
+        _, view = self._entries.pop(object_id)
+        self._bytes -= view.nbytes
+
+    def _sweep(self) -> None:
+        with self._lock:
+            for oid in [o for o, (path, _) in self._entries.items() if not os.path.exists(path)]:
+                self._drop(oid)
+            self._sweeping = bool(self._entries)
+            if self._sweeping:
+                self.timers.call_later(self.sweep, self._sweep)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
 def map_object(path: str) -> memoryview:
     """Map a sealed object read-only; the view keeps the mapping alive, even after a free."""
     fd = os.open(path, os.O_RDONLY)

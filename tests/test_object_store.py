@@ -36,7 +36,7 @@ def test_large_array_is_a_read_only_zero_copy_view(rayx_cluster):
     assert not got.flags.owndata  # a view of the mapping, not a copy
     again = rayx.get(ref)
     assert np.array_equal(again, arr) and not again.flags.writeable
-    assert not np.shares_memory(got, again)  # each get maps the segment afresh
+    assert np.shares_memory(got, again)  # the second get reuses the kept mapping
     base = got.base
     while getattr(base, "base", None) is not None and not isinstance(base, memoryview):
         base = base.base
@@ -105,3 +105,30 @@ def test_spilling_lets_a_workload_larger_than_the_store_complete(rayx_cluster):
     del refs, ref, arr
     gc.collect()
     wait_for(lambda: not os.listdir(spill_dir), 10, what="spilled objects to be freed")
+
+
+def test_kept_mappings_go_once_their_object_is_freed(rayx_cluster):
+    maps = rayx.api.core().maps
+    ref = rayx.put(np.ones(1_000_000))
+    oid = ref.id
+    assert rayx.get(ref).sum() == 1_000_000
+    assert maps.get(oid) is not None
+    del ref
+    wait_for(lambda: oid not in _store_files(rayx_cluster), 10, what="the object to be freed")
+    assert maps.get(oid) is None  # its file is gone: the mapping is not handed out again
+    wait_for(lambda: oid not in maps._entries, 10, what="the sweep to drop the mapping")
+
+
+def test_tasks_on_one_worker_map_a_broadcast_argument_once(rayx_cluster):
+    @rayx.remote(num_cpus=0)
+    class Reader:
+        def read(self, a):
+            maps = rayx.api.core().maps
+            return float(a[::512].sum()), len(maps._entries), maps._bytes
+
+    reader = Reader.remote()
+    ref = rayx.put(np.ones(2_000_000))
+    first = rayx.get(reader.read.remote(ref))
+    second = rayx.get(reader.read.remote(ref))
+    assert first == second and first[1] == 1 and first[2] >= 16_000_000
+    rayx.kill(reader)
