@@ -20,6 +20,7 @@ from rayx.exceptions import RayxTaskError
 from rayx_futures import BrokenRayxExecutor, RayxExecutor, RayxFuture
 
 from .conftest import wait_for
+from .test_joblib import max_overlap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -228,19 +229,10 @@ def test_max_workers_caps_concurrency(rayx_cluster):
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
 
 
-def _most_at_once(spans) -> int:
-    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
-    running = most = 0
-    for _, step in events:
-        running += step
-        most = max(most, running)
-    return most
-
-
 def test_max_workers_caps_calls_that_take_no_resources(rayx_cluster):
     with RayxExecutor(max_workers=2, num_cpus=0) as ex:
         spans = list(ex.map(interval, [0.3] * 6))
-    assert _most_at_once(spans) == 2, spans
+    assert max_overlap(spans) == 2, spans
 
 
 def test_default_executor_sends_one_call_ahead_as_a_process_pool_does(rayx_cluster):
@@ -260,7 +252,7 @@ def test_gpu_and_custom_resource_executors(rayx_cluster):
     with RayxExecutor(num_cpus=0, resources={"custom": 1}) as ex:
         assert ex._max_workers == 2
         spans = list(ex.map(interval, [0.3] * 4))
-    assert _most_at_once(spans) <= 2, spans
+    assert max_overlap(spans) <= 2, spans
 
 
 def test_lambdas_and_closures(executor):
