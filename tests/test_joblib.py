@@ -220,16 +220,30 @@ def test_small_arguments_travel_inline(rayx_cluster):
 
 
 class _PeakSampler:
-    """Samples the bytes in the node's object store and the driver's RSS, keeping the peaks."""
+    """Samples the bytes in the node's object store, the driver's RSS and the private dirty
+    memory of the cluster's processes (a copy of X would land there; a store object they only
+    read, or pages still shared with the fork server, do not), keeping the peaks."""
 
     def __init__(self):
         import psutil
 
         self._proc = psutil.Process()
         self._store = rayx.nodes()[0]["StoreDir"]
-        self.store_peak = self.rss_peak = 0
+        self.store_peak = self.rss_peak = self.cluster_anon_peak = 0
+        self.cluster_anon_base = self._cluster_anon()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
+
+    def _cluster_anon(self) -> int:
+        total = 0
+        for p in self._proc.children(recursive=True):  # node, fork server, workers
+            try:
+                with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                    total += next(int(line.split()[1]) * 1024 for line in f
+                                  if line.startswith("Private_Dirty:"))
+            except (OSError, StopIteration):
+                pass
+        return total
 
     def _store_bytes(self) -> int:
         total = 0
@@ -244,7 +258,8 @@ class _PeakSampler:
         while not self._stop.is_set():
             self.store_peak = max(self.store_peak, self._store_bytes())
             self.rss_peak = max(self.rss_peak, self._proc.memory_info().rss)
-            self._stop.wait(0.005)
+            self.cluster_anon_peak = max(self.cluster_anon_peak, self._cluster_anon())
+            self._stop.wait(0.02)
 
     def __enter__(self):
         self._thread.start()
@@ -276,14 +291,20 @@ def test_grid_search_over_200mb_does_not_copy_x_per_task(rayx_cluster):
     y = x[:, 0] * 2.0
     import psutil
 
+    with parallel_backend("rayx"):  # the workers import scikit-learn before we measure
+        GridSearchCV(Ridge(), {"alpha": [1.0, 2.0]}, cv=2, n_jobs=2).fit(x[:100], y[:100])
+
     base_rss = psutil.Process().memory_info().rss
     with _PeakSampler() as peaks, parallel_backend("rayx"):
         search = GridSearchCV(Ridge(), {"alpha": [0.1, 1.0, 10.0, 100.0]}, cv=_TinySplits(),
                               n_jobs=2, refit=False).fit(x, y)
     assert search.best_params_ == {"alpha": 0.1}
-    # 12 tasks used X: one copy went to the store, and the driver made none of its own.
+    # 12 tasks used X: one copy went to the store, the driver made none of its own, and no
+    # worker made one either (they read X as a view of the store's pages).
     assert peaks.store_peak <= 1.2 * x.nbytes, peaks.store_peak
     assert peaks.rss_peak - base_rss <= 0.5 * x.nbytes, peaks.rss_peak - base_rss
+    grew = peaks.cluster_anon_peak - peaks.cluster_anon_base
+    assert grew <= 0.5 * x.nbytes, grew
 
 
 # --------------------------------------------------------------------------- scikit-learn
