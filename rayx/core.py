@@ -28,7 +28,7 @@ from rayx.exceptions import (
     TaskCancelledError,
 )
 from rayx.object_ref import ObjectRef
-from rayx.object_store import MapCache, map_object, write_object
+from rayx.object_store import MapCache, write_object
 from rayx.ownership import OwnershipTable
 from rayx.protocol import rayx_pb2 as pb
 from rayx.submitter import TaskSubmitter
@@ -317,14 +317,14 @@ class CoreClient:
         path = os.path.join(self.store_dir, oid)
         if desc[1] == self.node_id:
             try:
-                return self.maps.put(oid, path, map_object(path))
+                return self.maps.map(oid, path)
             except FileNotFoundError:
                 pass
         reply = self.node.RestoreObject(pb.RestoreRequest(
             object_id=oid, from_node=desc[2] if desc[1] != self.node_id else ""))
         if not reply.ok:
             raise ObjectLostError(f"object {oid} is lost: {reply.error}")
-        return self.maps.put(oid, reply.path, map_object(reply.path))
+        return self.maps.map(oid, reply.path)
 
     def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None):
         """Ready and not-ready refs, once num_returns are ready or the timeout passes."""

@@ -171,15 +171,16 @@ class MapCache:
     object: a broadcast argument read by many tasks on one worker maps (and page-faults) once.
 
     Objects are immutable, so a kept mapping is always right while its file exists. Each hit
-    checks that the file is still there (a freed or spilled object's file is gone), and a
-    sweep on the timer thread drops the mappings of gone files every `sweep` seconds, so a
-    freed object's memory is held at most that much longer. Least recently used entries go
-    first when the cache holds more than `capacity` bytes.
+    checks that the file is still the one mapped (a freed or spilled object's file is gone; a
+    restored one is a new file, whose memory the old mapping must not keep), and a sweep on the
+    timer thread drops the mappings of gone files every `sweep` seconds, so a freed or spilled
+    object's memory is held at most that much longer. Least recently used entries go first
+    when the cache holds more than `capacity` bytes.
     """
 
     def __init__(self, capacity: int, sweep: float, timers):
         self.capacity, self.sweep, self.timers = capacity, sweep, timers
-        self._entries: OrderedDict[str, tuple[str, memoryview]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[str, int, memoryview]] = OrderedDict()
         self._bytes = 0
         self._sweeping = False
         self._lock = threading.Lock()
@@ -189,19 +190,21 @@ class MapCache:
             entry = self._entries.get(object_id)
             if entry is None:
                 return None
-            if not os.path.exists(entry[0]):
+            if not _same_file(entry[0], entry[1]):
                 self._drop(object_id)
                 return None
             self._entries.move_to_end(object_id)
-            return entry[1]
+            return entry[2]
 
-    def put(self, object_id: str, path: str, view: memoryview) -> memoryview:
+    def map(self, object_id: str, path: str) -> memoryview:
+        """Map the object's file (FileNotFoundError if it is not there) and keep the mapping."""
+        view, inode = map_object(path)
         if view.nbytes > self.capacity:
             return view
         with self._lock:
             if object_id in self._entries:
                 self._drop(object_id)
-            self._entries[object_id] = (path, view)
+            self._entries[object_id] = (path, inode, view)
             self._bytes += view.nbytes
             while self._bytes > self.capacity:
                 self._drop(next(iter(self._entries)))
@@ -212,12 +215,13 @@ class MapCache:
 
     def _drop(self, object_id: str) -> None:
         """Lock held. The mapping itself goes when the last value made from it goes."""
-        _, view = self._entries.pop(object_id)
+        view = self._entries.pop(object_id)[2]
         self._bytes -= view.nbytes
 
     def _sweep(self) -> None:
         with self._lock:
-            for oid in [o for o, (path, _) in self._entries.items() if not os.path.exists(path)]:
+            for oid in [o for o, (path, inode, _) in self._entries.items()
+                        if not _same_file(path, inode)]:
                 self._drop(oid)
             self._sweeping = bool(self._entries)
             if self._sweeping:
@@ -229,12 +233,20 @@ class MapCache:
             self._bytes = 0
 
 
-def map_object(path: str) -> memoryview:
-    """Map a sealed object read-only; the view keeps the mapping alive, even after a free."""
+def _same_file(path: str, inode: int) -> bool:
+    try:
+        return os.stat(path).st_ino == inode
+    except FileNotFoundError:
+        return False
+
+
+def map_object(path: str) -> tuple[memoryview, int]:
+    """Map a sealed object read-only; the view keeps the mapping alive, even after a free.
+    Returns the view and the inode of the file mapped."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        st = os.fstat(fd)
+        mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
-    return memoryview(mm)
+    return memoryview(mm), st.st_ino
