@@ -54,26 +54,25 @@ def _store_case(r: Runner, put, get, pass_to_tasks) -> None:
     r.peak_memory(lambda: pass_to_tasks(arr, k), "pass_peak")
 
 
+def _native(r: Runner, api) -> None:
+    """rayx and Ray: the same code through `api` (the rayx or ray module)."""
+    f = api.remote(touch)
+
+    def pass_to_tasks(arr, k):
+        ref = api.put(arr)
+        api.get([f.remote(ref) for _ in range(k)])
+
+    _store_case(r, api.put, api.get, pass_to_tasks)
+
+
 def rayx_objects(r: Runner) -> None:
     with rayx_local(r) as rayx:
-        f = rayx.remote(touch)
-
-        def pass_to_tasks(arr, k):
-            ref = rayx.put(arr)
-            rayx.get([f.remote(ref) for _ in range(k)])
-
-        _store_case(r, rayx.put, rayx.get, pass_to_tasks)
+        _native(r, rayx)
 
 
 def ray_objects(r: Runner) -> None:
     with ray_local() as ray:
-        f = ray.remote(touch)
-
-        def pass_to_tasks(arr, k):
-            ref = ray.put(arr)
-            ray.get([f.remote(ref) for _ in range(k)])
-
-        _store_case(r, ray.put, ray.get, pass_to_tasks)
+        _native(r, ray)
 
 
 def dask_objects(r: Runner) -> None:
