@@ -67,7 +67,7 @@ class ActorClass:
                 return existing
         if self._cls_bytes is None:
             self._cls_bytes = serialization.dumps(self._cls)
-        enc_args, enc_kwargs, deps = encode_args(core, args, kwargs)
+        enc_args, enc_kwargs, deps, nested = encode_args(core, args, kwargs)
         actor_id = ids.new_id()
         max_concurrency = options.get("max_concurrency") or (1000 if self._is_async else 1)
         creation = ActorCreation(actor_id, self._name, self._cls_bytes, enc_args, enc_kwargs,
@@ -82,7 +82,8 @@ class ActorClass:
             resources=pb.ResourceMap(amounts=resources), owner_id=core.client_id,
             handle_meta=serialization.dumps(meta), node_affinity=affinity,
             affinity_soft=strategy != "AFFINITY")
-        core.table.mark_escaped(d.id for d in deps)  # restarts replay the arguments
+        # restarts replay the arguments: what they refer to stays while the owner lives
+        core.table.mark_escaped([d.id for d in deps] + [r.id for r in nested])
 
         def send(_spec=None):
             spec.creation_task = serialization.dumps(creation)
@@ -160,7 +161,7 @@ class ActorMethod:
     def _call(self, args, kwargs, options: dict):
         core = api.core()
         meta = self._handle._meta
-        enc_args, enc_kwargs, deps = encode_args(core, args, kwargs)
+        enc_args, enc_kwargs, deps, nested = encode_args(core, args, kwargs)
         n = options.get("num_returns") or self._num_returns
         task_id = ids.new_id()
         spec = TaskSpec(task_id=task_id, name=f"{meta.class_name}.{self._name}", args=enc_args,
@@ -169,7 +170,7 @@ class ActorMethod:
                         max_retries=_retries(options.get("max_task_retries"),
                                              meta.max_task_retries),
                         actor_id=meta.actor_id, method=self._name)
-        refs = core.submit(spec, deps)
+        refs = core.submit(spec, deps, nested)
         return refs[0] if n == 1 else refs
 
 

@@ -142,7 +142,7 @@ class ActorSubmitter:
         with self.lock:
             spec = ac.inflight.pop(msg[1], None)
         if spec is not None:
-            self.core.finish_task(spec, msg[2])
+            self.core.finish_task(spec, msg[2], msg[3] if len(msg) > 3 else None)
 
     def _on_lost(self, ac: ActorConn, conn: wire.Connection) -> None:
         with self.lock:

@@ -4,6 +4,7 @@
     f.remote() -> encode args -> wait for deps --> TaskSubmitter (submitter.py) -> leased worker
     actor.m.remote() ------------------------------> ActorSubmitter (actor_submitter.py)
     borrowers --("get_object")--> listener --------> reply when the object is ready
+    borrowers --("add_borrower"|"remove_borrower")--> the owner's counts (ownership.py)
     node manager (gRPC): leases, store reservations, blocked/unblocked, frees
 
 Everything a process does with the cluster goes through one CoreClient, held in rayx.api.
@@ -29,7 +30,7 @@ from rayx.exceptions import (
 )
 from rayx.object_ref import ObjectRef
 from rayx.object_store import MapCache, write_object
-from rayx.ownership import OwnershipTable
+from rayx.ownership import Drops, OwnershipTable
 from rayx.protocol import rayx_pb2 as pb
 from rayx.submitter import TaskSubmitter
 from rayx.task_spec import TaskSpec
@@ -69,7 +70,12 @@ class CoreClient:
                                      token, self.handle_request).start()
         self.listener = listener
         self.address = listener.address
+        self.table.address = self.address
         self._owner_conns: dict[str, wire.Connection] = {}
+        self._adds_pending: dict[int, tuple[threading.Event, str]] = {}  # request -> (acked, owner)
+        self._add_seq = 0
+        self._watched: set[str] = set()  # borrowers whose exit this owner watches for
+        self._nested_pins: dict[str, list[str]] = {}  # task id -> refs nested in its arguments
         self._fetches: dict[str, list] = {}  # object id -> waiting callbacks, while fetching
         self._lock = threading.Lock()
         self.submitter = TaskSubmitter(self)
@@ -90,9 +96,11 @@ class CoreClient:
         oid = ids.new_id()
         with serialization.collect_refs() as nested:
             so = serialization.serialize(value)
-        self.table.mark_escaped(r.id for r in nested)
         self.table.add_owned(oid, self.address, self.store_serialized(oid, so))
-        return self.new_ref(oid)
+        ref = self.new_ref(oid)
+        if nested:  # the stored value holds these refs: keep them while it lives
+            self.table.contain(oid, ref_pairs(nested), False, Drops())
+        return ref
 
     def store_serialized(self, oid: str, so: serialization.SerializedObject,
                          owner_id: str | None = None) -> tuple:
@@ -119,14 +127,21 @@ class CoreClient:
 
     def _release_queued(self) -> None:
         self._release_scheduled = False  # before draining: a ref dropped from now on re-arms
-        to_free = []
+        drops = Drops()
         while self._released:
-            oid = self._released.popleft()
-            desc = self.table.remove_ref(oid)
-            if desc is not None and desc[0] == "s":
-                to_free.append((oid, desc))
-        if to_free and not self.closed:
-            self._free(to_free)
+            self.table.remove_ref(self._released.popleft(), drops)
+        if drops and not self.closed:
+            self.apply(drops)
+
+    def apply(self, drops: Drops) -> None:
+        """Free the store copies of owned objects that went; give borrowed ones back."""
+        if drops.free:
+            self._free(drops.free)
+        for owner, items in drops.returns.items():
+            try:
+                self._owner_conn(owner).send(("remove_borrower", items, self.address))
+            except (OSError, ConnectionError):
+                pass  # the owner is gone, and its objects with it
 
     def _free(self, items) -> None:
         by_node: dict[str, list[str]] = {}
@@ -194,17 +209,112 @@ class CoreClient:
     def _on_owner_reply(self, conn, msg) -> None:
         if msg[0] == "object":
             self._fetched(msg[1], msg[2])
+        elif msg[0] == "borrowers_added":
+            with self._lock:
+                pending = self._adds_pending.pop(msg[1], None)
+            if pending is not None:
+                pending[0].set()
 
     def _on_owner_closed(self, conn) -> None:
+        """A process this one talks to exited: as an owner its objects are lost, as a
+        borrower its registrations go."""
         with self._lock:
             if self._owner_conns.get(conn.peer) is conn:
                 del self._owner_conns[conn.peer]
             lost = list(self._fetches)
-        if not self.closed:
-            for oid in lost:  # only fetches that were sent to this owner are affected in practice
-                entry = self.table.get(oid)
-                if entry is None or entry.owner_address == conn.peer:
-                    self._fetched(oid, ("lost", "owner"))
+            acks = [k for k, (_, owner) in self._adds_pending.items() if owner == conn.peer]
+            unacked = [self._adds_pending.pop(k)[0] for k in acks]
+            watched = conn.peer in self._watched
+            self._watched.discard(conn.peer)
+        for event in unacked:
+            event.set()
+        if self.closed:
+            return
+        for oid in lost:  # only fetches that were sent to this owner are affected in practice
+            entry = self.table.get(oid)
+            if entry is None or entry.owner_address == conn.peer:
+                self._fetched(oid, ("lost", "owner"))
+        if watched:
+            drops = Drops()
+            self.table.borrower_gone(conn.peer, drops)
+            self.apply(drops)
+
+    # ------------------------------------------------------------------ borrowers
+
+    def register_borrow(self, oid: str, owner: str) -> None:
+        """This process just unpickled a ref it did not hold: tell the owner. Inside
+        `loads` the registration is batched and waited for; elsewhere it is only sent."""
+        if not serialization.note_borrow(oid, owner):
+            self._send_adds(owner, [oid], self.address)
+
+    def loads(self, data):
+        """Deserialize a value; refs in it that are new here are registered with their
+        owners before it is returned, while what carried them still holds them."""
+        with serialization.collect_borrows() as borrows:
+            value = serialization.deserialize(data)[0]
+        if borrows:
+            self._register(borrows, self.address)
+        return value
+
+    def lend(self, refs: list[ObjectRef], borrower: str) -> list[tuple[str, str]]:
+        """Refs pickled into a result for `borrower` (the caller): register the caller with
+        each owner, and wait, before the result is sent. Returns their (id, owner) pairs."""
+        pairs = ref_pairs(refs)
+        remote = []
+        for oid, owner in pairs:
+            if owner == borrower:
+                continue
+            if owner == self.address:
+                self.table.add_borrower([oid], borrower)
+                self._watch_soon(borrower)
+            else:
+                remote.append((oid, owner))
+        if remote:
+            self._register(remote, borrower)
+        return pairs
+
+    def _register(self, pairs, borrower: str) -> None:
+        by_owner: dict[str, list[str]] = {}
+        for oid, owner in pairs:
+            by_owner.setdefault(owner, []).append(oid)
+        events = [self._send_adds(owner, oids, borrower) for owner, oids in by_owner.items()]
+        deadline = time.monotonic() + self.settings.start_timeout
+        for event in events:
+            event.wait(max(0.0, deadline - time.monotonic()))
+
+    def _send_adds(self, owner: str, oids: list[str], borrower: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._add_seq += 1
+            req = self._add_seq
+            self._adds_pending[req] = (event, owner)
+        try:
+            self._owner_conn(owner).send(("add_borrower", req, oids, borrower))
+        except (OSError, ConnectionError):
+            with self._lock:
+                self._adds_pending.pop(req, None)
+            event.set()  # the owner is gone: nothing to wait for
+        return event
+
+    def _watch_soon(self, borrower: str) -> None:
+        """Keep a connection to a borrower, so its exit releases what it borrowed."""
+        with self._lock:
+            if borrower in self._watched or borrower == self.address:
+                return
+            self._watched.add(borrower)
+        self.timers.call_later(0, lambda: self._watch(borrower))
+
+    def _watch(self, borrower: str) -> None:
+        if self.closed:
+            return
+        try:
+            self._owner_conn(borrower)
+        except (OSError, ConnectionError):
+            with self._lock:
+                self._watched.discard(borrower)
+            drops = Drops()
+            self.table.borrower_gone(borrower, drops)
+            self.apply(drops)
 
     def _forget_callback(self, oid: str, cb) -> None:
         self.table.remove_callback(oid, cb)
@@ -224,10 +334,20 @@ class CoreClient:
 
     def handle_request(self, conn: wire.Connection, msg) -> None:
         """Requests from other processes to this process as an owner."""
-        if msg[0] == "get_object":
+        kind = msg[0]
+        if kind == "get_object":
             oid = msg[1]
             self._when_ready(oid, self.address,
                              lambda desc: _send_quietly(conn, ("object", oid, desc)))
+        elif kind == "add_borrower":
+            _, req, oids, borrower = msg
+            self.table.add_borrower(oids, borrower)
+            self._watch_soon(borrower)
+            _send_quietly(conn, ("borrowers_added", req))
+        elif kind == "remove_borrower":
+            drops = Drops()
+            self.table.remove_borrower(msg[1], msg[2], drops)
+            self.apply(drops)
 
     def get(self, refs: list[ObjectRef], timeout: float | None) -> list:
         """Values of `refs`, in order; raises the first task error met."""
@@ -299,11 +419,11 @@ class CoreClient:
         """Turn a ready descriptor into a value (zero-copy for store objects on this node)."""
         kind = desc[0]
         if kind == "i":
-            return serialization.deserialize(desc[1])[0]
+            return self.loads(desc[1])
         if kind == "e":
-            raise _as_raisable(serialization.deserialize(desc[1])[0])
+            raise _as_raisable(self.loads(desc[1]))
         if kind == "s":
-            return serialization.deserialize(self._map(oid, desc))[0]
+            return self.loads(self._map(oid, desc))
         if kind == "lost":
             if len(desc) > 1 and desc[1] == "owner":
                 raise OwnerDiedError(f"object {oid}: its owner process is gone, so is the object")
@@ -368,12 +488,18 @@ class CoreClient:
 
     # ------------------------------------------------------------------ tasks
 
-    def submit(self, spec: TaskSpec, deps: list[ObjectRef]) -> list[ObjectRef]:
-        """Register the task's results as owned, then send it once its arguments are ready."""
+    def submit(self, spec: TaskSpec, deps: list[ObjectRef],
+               nested: list[ObjectRef] | None = None) -> list[ObjectRef]:
+        """Register the task's results as owned, then send it once its arguments are ready.
+        Top-level `deps` and the refs `nested` in arguments stay pinned until it is over."""
         for rid in spec.return_ids:
             self.table.add_owned(rid, self.address, lineage=spec)
         refs = [self.new_ref(rid) for rid in spec.return_ids]
         self.table.pin(d.id for d in deps)
+        if nested:
+            held = [oid for oid, _ in ref_pairs(nested)]
+            self.table.pin(held)
+            self._nested_pins[spec.task_id] = held
         if spec.actor_id:  # queued now, so calls keep their order while arguments resolve
             if self.actors.submit(spec, args_pending=bool(deps)) and deps:
                 self._resolve_then(spec, deps, self.actors.args_ready, self.actors.drop)
@@ -410,20 +536,24 @@ class CoreClient:
         for slot in slots:
             self._when_ready(slot[1], slot[2], lambda d, s=slot: filled(s, d))
 
-    def finish_task(self, spec: TaskSpec, descs: list[tuple]) -> None:
-        """A task is over for good: publish its results and release its argument pins."""
-        to_free = []
-        for rid, desc in zip(spec.return_ids, descs):
-            cbs, free = self.table.complete(rid, desc)
-            if free is not None:
-                to_free.append((rid, free))
-            for cb in cbs:
+    def finish_task(self, spec: TaskSpec, descs: list[tuple], nested=None) -> None:
+        """A task is over for good: publish its results and release its argument pins.
+        `nested`, per result, lists the (id, owner) refs its value holds; the worker has
+        registered this process as their borrower."""
+        drops = Drops()
+        for i, (rid, desc) in enumerate(zip(spec.return_ids, descs)):
+            if nested and nested[i]:
+                self.table.contain(rid, nested[i], True, drops)
+            for cb in self.table.complete(rid, desc, drops):
                 cb(desc)
         deps = [a[1] for a in spec.args if a[0] == "r"] + [
             a[1] for a in spec.kwargs.values() if a[0] == "r"]
-        to_free += self.table.unpin(deps)
-        if to_free:
-            self._free(to_free)
+        self.table.unpin(deps, drops)
+        held = self._nested_pins.pop(spec.task_id, None)
+        if held:
+            self.table.unpin(held, drops)
+        if drops:
+            self.apply(drops)
 
     def fail_task(self, spec: TaskSpec, error: BaseException) -> None:
         so = serialization.serialize(error, error=True)
@@ -475,6 +605,14 @@ def listen_address(session_dir: str, name: str, settings: Settings) -> str:
     if settings.node_ip:
         return f"tcp:{settings.node_ip}:0"
     return f"unix:{socket_path(session_dir, name + '.sock')}"
+
+
+def ref_pairs(refs) -> list[tuple[str, str]]:
+    """(id, owner address) of each distinct ref, in order."""
+    seen: dict[str, str] = {}
+    for r in refs:
+        seen.setdefault(r.id, r.owner_address)
+    return list(seen.items())
 
 
 def _send_quietly(conn: wire.Connection, msg) -> None:

@@ -17,8 +17,8 @@ class ObjectRef:
         self.id = object_id
         self.owner_address = owner_address
         self._core = core if counted else None
-        if counted:
-            core.table.add_ref(object_id, owner_address)
+        if counted and core.table.add_ref(object_id, owner_address):
+            core.register_borrow(object_id, owner_address)
 
     def hex(self) -> str:
         return self.id

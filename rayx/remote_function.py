@@ -41,7 +41,7 @@ class RemoteFunction:
         core = api.core()
         if self._fn_bytes is None:
             self._fn_bytes = serialization.dumps(self._fn)
-        enc_args, enc_kwargs, deps = encode_args(core, args, kwargs)
+        enc_args, enc_kwargs, deps, nested = encode_args(core, args, kwargs)
         num_returns = options.get("num_returns") or 1
         task_id = ids.new_id()
         strategy, affinity = strategy_fields(options)
@@ -53,7 +53,7 @@ class RemoteFunction:
             max_retries=_retries(options.get("max_retries"), 3),
             retry_exceptions=_retry_exc(options.get("retry_exceptions")),
             strategy=strategy, node_affinity=affinity, max_calls=options.get("max_calls") or 0)
-        refs = core.submit(spec, deps)
+        refs = core.submit(spec, deps, nested)
         return refs[0] if num_returns == 1 else refs
 
 
@@ -77,9 +77,10 @@ def _retry_exc(value):
     return bool(value)
 
 
-def encode_args(core, args, kwargs) -> tuple[list, dict, list[ObjectRef]]:
+def encode_args(core, args, kwargs) -> tuple[list, dict, list[ObjectRef], list[ObjectRef]]:
     """Encode arguments for a task: top-level refs become dependencies, large values go into
-    the object store once, nested refs are marked as escaped. Raises before anything is sent."""
+    the object store once. Returns (args, kwargs, top-level refs, refs nested in values), the
+    last two to pin while the task runs. Raises before anything is sent."""
     deps: list[ObjectRef] = []
 
     def enc(value):
@@ -98,5 +99,4 @@ def encode_args(core, args, kwargs) -> tuple[list, dict, list[ObjectRef]]:
     with serialization.collect_refs() as nested:
         enc_args = [enc(a) for a in args]
         enc_kwargs = {k: enc(v) for k, v in kwargs.items()}
-    core.table.mark_escaped(r.id for r in nested)
-    return enc_args, enc_kwargs, deps
+    return enc_args, enc_kwargs, deps, nested

@@ -136,3 +136,25 @@ def note_pickled_ref(ref) -> None:
     refs = getattr(_local, "refs", None)
     if refs is not None:
         refs.append(ref)
+
+
+class collect_borrows:
+    """Context manager recording (id, owner) of refs unpickled on this thread inside it that
+    this process must register as a borrower (see CoreClient.loads)."""
+
+    def __enter__(self) -> list:
+        self.prev = getattr(_local, "borrows", None)
+        _local.borrows = []
+        return _local.borrows
+
+    def __exit__(self, *exc) -> None:
+        _local.borrows = self.prev
+
+
+def note_borrow(oid: str, owner: str) -> bool:
+    """Record a borrow inside collect_borrows; False when none is open on this thread."""
+    borrows = getattr(_local, "borrows", None)
+    if borrows is None:
+        return False
+    borrows.append((oid, owner))
+    return True

@@ -237,7 +237,7 @@ class TaskSubmitter:
         if descs[0][0] == "e" and self._retry_on_error(spec, descs[0]):
             self.submit(spec)
         else:
-            self.core.finish_task(spec, descs)
+            self.core.finish_task(spec, descs, msg[3] if len(msg) > 3 else None)
         with self.lock:
             for key, sq in self.shapes.items():
                 if lease in sq.leases:

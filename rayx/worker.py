@@ -120,12 +120,12 @@ class Worker:
     def _execute(self, conn: wire.Connection, spec: TaskSpec) -> None:
         if spec.task_id in self.cancelled:
             self.cancelled.discard(spec.task_id)
-            descs = _error_descs(spec, TaskCancelledError(f"task {spec.name} was cancelled"))
+            result = _error_descs(spec, TaskCancelledError(f"task {spec.name} was cancelled")), None
         else:
             self.output_conn = conn
-            descs = self._run(spec)
+            result = self._run(spec)
         try:
-            conn.send(("done", spec.task_id, descs))
+            conn.send(_done(spec, *result))
         except ConnectionError:
             pass  # the owner is gone; its objects go with it
         if spec.max_calls and not spec.actor_id:
@@ -143,7 +143,8 @@ class Worker:
         sys.stderr.flush()
         os._exit(0)
 
-    def _run(self, spec: TaskSpec) -> list:
+    def _run(self, spec: TaskSpec) -> tuple[list, list | None]:
+        """Run one task: (result descriptors, refs nested in each result or None)."""
         threaded = self.actor_pool is not None
         if not threaded:
             if not spec.actor_id:  # an actor keeps the environment it was created with
@@ -160,9 +161,9 @@ class Worker:
                 self.in_user_code = False
             return self._store_results(spec, result)
         except TaskCancelledError as exc:
-            return _error_descs(spec, exc)
+            return _error_descs(spec, exc), None
         except Exception as exc:
-            return _error_descs(spec, _task_error(spec, exc))
+            return _error_descs(spec, _task_error(spec, exc)), None
         finally:
             current_task_id.reset(token)
             self.current = None
@@ -185,10 +186,11 @@ class Worker:
 
     def _arg(self, a):
         if a[0] == "v":
-            return serialization.deserialize(a[1])[0]
+            return self.core.loads(a[1])
         return self.core.materialize(a[1], a[3])
 
-    def _store_results(self, spec: TaskSpec, result) -> list:
+    def _store_results(self, spec: TaskSpec, result) -> tuple[list, list | None]:
+        """Serialize and store each result; refs pickled into one are lent to the caller."""
         n = len(spec.return_ids)
         if n == 1:
             values = [result]
@@ -198,13 +200,13 @@ class Worker:
                 raise ValueError(f"task {spec.name} declared num_returns={n} but returned "
                                  f"{type(result).__name__} of length "
                                  f"{len(values) if values is not None else 'n/a'}")
-        descs = []
+        descs, lent = [], []
         for rid, value in zip(spec.return_ids, values):
             with serialization.collect_refs() as nested:
                 so = serialization.serialize(value)
-            self.core.table.mark_escaped(r.id for r in nested)
+            lent.append(self.core.lend(nested, spec.owner_address) if nested else None)
             descs.append(self.core.store_serialized(rid, so, owner_id=spec.owner_id))
-        return descs
+        return descs, (lent if any(lent) else None)
 
     def _set_env(self, spec: TaskSpec) -> None:
         env = os.environ
@@ -288,13 +290,20 @@ class Worker:
                 result = method(*args, **kwargs)
                 if asyncio.iscoroutine(result):
                     result = await result
-                descs = self._store_results(spec, result)
+                done = _done(spec, *self._store_results(spec, result))
             except Exception as exc:
-                descs = _error_descs(spec, _task_error(spec, exc))
+                done = _done(spec, _error_descs(spec, _task_error(spec, exc)), None)
         try:
-            conn.send(("done", spec.task_id, descs))
+            conn.send(done)
         except ConnectionError:
             pass
+
+
+def _done(spec: TaskSpec, descs: list, nested: list | None) -> tuple:
+    """The message that ends a task; the nested refs only when there are some."""
+    if nested is None:
+        return ("done", spec.task_id, descs)
+    return ("done", spec.task_id, descs, nested)
 
 
 def _task_error(spec: TaskSpec, exc: BaseException) -> RayxTaskError:

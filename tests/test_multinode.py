@@ -469,6 +469,30 @@ def test_a_task_goes_to_the_node_holding_its_large_arguments(three_nodes):
     assert rayx.get(use.remote(np.ones(1), 1), timeout=30)[1] == 2.0
 
 
+def test_a_ref_made_on_one_node_and_relayed_by_another_is_freed_when_all_let_go(three_nodes):
+    @rayx.remote(num_cpus=0, resources={"a": 0.5})
+    class Maker:
+        def make(self):
+            return [rayx.put(np.ones(1_000_000))]  # owned by this actor, in node a's store
+
+    @rayx.remote(num_cpus=0, resources={"b": 0.5})
+    def relay(value):
+        return value
+
+    store_a = next(n["StoreDir"] for n in rayx.nodes() if "a" in n["Resources"])
+    maker = Maker.remote()
+    first = rayx.get(maker.make.remote(), timeout=30)
+    oid = first[0].id
+    second = rayx.get(relay.remote(first), timeout=30)  # node b hands node a's ref back
+    del first
+    time.sleep(0.5)
+    assert oid in os.listdir(store_a)  # the driver still borrows it through `second`
+    assert float(rayx.get(second[0], timeout=30).sum()) == 1_000_000.0
+    del second
+    wait_for(lambda: oid not in os.listdir(store_a), 10, what="the relayed object to be freed")
+    rayx.kill(maker)
+
+
 def test_tls_cluster_over_tcp_moves_tasks_and_objects(tmp_path, monkeypatch):
     """Nodes and driver on TCP listeners (node_ip set) with TLS: task pushes, replies and
     object pulls between nodes all run over TLS."""
