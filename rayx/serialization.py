@@ -119,16 +119,32 @@ def _describe(value) -> str:
     return f"{name!s} ({type(value).__name__})"
 
 
-class collect_refs:
-    """Context manager recording every ObjectRef pickled on this thread inside it."""
+class _Collector:
+    """Context manager opening a list on this thread, under `slot`, for the pickling hooks
+    below to append to; nested uses each get their own list."""
+
+    slot = ""
 
     def __enter__(self) -> list:
-        self.prev = getattr(_local, "refs", None)
-        _local.refs = []
-        return _local.refs
+        self.prev = getattr(_local, self.slot, None)
+        setattr(_local, self.slot, [])
+        return getattr(_local, self.slot)
 
     def __exit__(self, *exc) -> None:
-        _local.refs = self.prev
+        setattr(_local, self.slot, self.prev)
+
+
+class collect_refs(_Collector):
+    """Records every ObjectRef pickled on this thread inside it."""
+
+    slot = "refs"
+
+
+class collect_borrows(_Collector):
+    """Records (id, owner) of refs unpickled on this thread inside it that this process must
+    register as a borrower (see CoreClient.loads)."""
+
+    slot = "borrows"
 
 
 def note_pickled_ref(ref) -> None:
@@ -136,19 +152,6 @@ def note_pickled_ref(ref) -> None:
     refs = getattr(_local, "refs", None)
     if refs is not None:
         refs.append(ref)
-
-
-class collect_borrows:
-    """Context manager recording (id, owner) of refs unpickled on this thread inside it that
-    this process must register as a borrower (see CoreClient.loads)."""
-
-    def __enter__(self) -> list:
-        self.prev = getattr(_local, "borrows", None)
-        _local.borrows = []
-        return _local.borrows
-
-    def __exit__(self, *exc) -> None:
-        _local.borrows = self.prev
 
 
 def note_borrow(oid: str, owner: str) -> bool:

@@ -8,7 +8,6 @@ import os
 import time
 
 import numpy as np
-import pytest
 
 import rayx
 
@@ -88,13 +87,19 @@ def test_ref_nested_in_arguments_is_freed_once_the_task_is_done(rayx_cluster):
     _freed(oid)
 
 
-def test_actor_keeping_a_nested_ref_keeps_its_object_until_it_lets_go(rayx_cluster):
+def _held_by_an_actor() -> tuple:
+    """An actor keeping the only remaining reference to a stored object: (actor, object id)."""
     holder = Holder.remote()
     ref = rayx.put(np.full(MB8, 2.0))
-    oid = ref.id
     assert rayx.get(holder.hold.remote([ref])) == 1
+    oid = ref.id
     del ref
     _stays(oid)
+    return holder, oid
+
+
+def test_actor_keeping_a_nested_ref_keeps_its_object_until_it_lets_go(rayx_cluster):
+    holder, oid = _held_by_an_actor()
     assert rayx.get(holder.value.remote()) == 2.0 * MB8  # the borrower can still read it
     rayx.get(holder.drop.remote())
     _freed(oid)
@@ -139,12 +144,7 @@ def test_ref_inside_a_put_value_lives_while_the_outer_object_lives(rayx_cluster)
 
 
 def test_a_borrower_that_dies_gives_back_what_it_held(rayx_cluster):
-    holder = Holder.remote()
-    ref = rayx.put(np.full(MB8, 2.0))
-    oid = ref.id
-    rayx.get(holder.hold.remote([ref]))
-    del ref
-    _stays(oid)
+    holder, oid = _held_by_an_actor()
     rayx.kill(holder)
     _freed(oid)
 
@@ -171,9 +171,8 @@ def test_many_nested_refs_in_one_argument(rayx_cluster):
         _freed(oid)
 
 
-@pytest.mark.parametrize("n", [3])
-def test_the_same_ref_borrowed_by_several_tasks_at_once(rayx_cluster, n):
-    holders = [Holder.remote() for _ in range(n)]
+def test_the_same_ref_borrowed_by_several_actors_at_once(rayx_cluster):
+    holders = [Holder.remote() for _ in range(3)]
     ref = rayx.put(np.ones(MB8))
     oid = ref.id
     rayx.get([h.hold.remote([ref]) for h in holders])
