@@ -36,6 +36,10 @@ from rayx.submitter import TaskSubmitter
 from rayx.task_spec import TaskSpec
 from rayx.timers import Timers
 
+# Dropped refs are released in batches this far apart: one timer wake-up per batch, not one
+# per ref (on a busy driver each wake-up costs as much CPU as the release itself).
+RELEASE_BATCH = 0.002  # seconds
+
 
 class CoreClient:
     """Ownership, submission and object access for one process."""
@@ -123,7 +127,7 @@ class CoreClient:
         self._released.append(oid)
         if not self._release_scheduled and not self.closed:
             self._release_scheduled = True
-            self.timers.call_later(0, self._release_queued)
+            self.timers.call_later(RELEASE_BATCH, self._release_queued)
 
     def _release_queued(self) -> None:
         self._release_scheduled = False  # before draining: a ref dropped from now on re-arms
@@ -162,9 +166,10 @@ class CoreClient:
                 rpc.channel(address, self.token, self.tls))
         return stub
 
-    def on_ready(self, ref: ObjectRef, cb) -> None:
-        """Call cb() once the object behind `ref` is ready (or known lost)."""
-        self._when_ready(ref.id, ref.owner_address, lambda desc: cb())
+    def when_ready(self, ref: ObjectRef, cb) -> None:
+        """Call cb(desc) once the object behind `ref` is ready (or known lost); value(ref, desc)
+        then turns the descriptor into the value."""
+        self._when_ready(ref.id, ref.owner_address, cb)
 
     def _when_ready(self, oid: str, owner_address: str, cb) -> None:
         """Call cb(desc) when ready; asks the owner when this process only borrows the ref."""
@@ -352,9 +357,10 @@ class CoreClient:
     def get(self, refs: list[ObjectRef], timeout: float | None) -> list:
         """Values of `refs`, in order; raises the first task error met."""
         descs = self._wait_descs(refs, timeout)
-        return [self._value(r, d, timeout) for r, d in zip(refs, descs)]
+        return [self.value(r, d, timeout) for r, d in zip(refs, descs)]
 
-    def _value(self, ref: ObjectRef, desc: tuple, timeout: float | None):
+    def value(self, ref: ObjectRef, desc: tuple, timeout: float | None = None):
+        """The value behind a ready descriptor; a lost object is rebuilt from its lineage."""
         try:
             return self.materialize(ref.id, desc)
         except ObjectLostError:

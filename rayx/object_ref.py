@@ -51,18 +51,18 @@ class ObjectRef:
         """A concurrent.futures.Future completed with the value (or error) when it is ready."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         core = self._core or _current_core()
-        core.on_ready(self, lambda: _settle(core, self, fut))
+        core.when_ready(self, lambda desc: _settle(core, self, fut, desc))
         return fut
 
     def __await__(self):
         return asyncio.wrap_future(self.future()).__await__()
 
 
-def _settle(core, ref: ObjectRef, fut: concurrent.futures.Future) -> None:
+def _settle(core, ref: ObjectRef, fut: concurrent.futures.Future, desc: tuple) -> None:
     if not fut.set_running_or_notify_cancel():
         return
     try:
-        fut.set_result(core.get([ref], None)[0])
+        fut.set_result(core.value(ref, desc))
     except BaseException as exc:
         fut.set_exception(exc)
 

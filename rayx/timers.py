@@ -31,8 +31,10 @@ class Timers:
 
     def call_later(self, delay: float, fn: Callable[[], object]) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), fn))
-            self._cond.notify()
+            entry = (time.monotonic() + delay, next(self._seq), fn)
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:  # a later deadline needs no wake-up: the thread sleeps
+                self._cond.notify()      # until the earliest one anyway
 
     def _run(self) -> None:
         while True:

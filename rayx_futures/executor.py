@@ -2,15 +2,18 @@
 
     submit(fn, *args) -> RayxFuture --a slot is free--> _run_call.remote(spec, fn, *args)
                                    --all slots busy--> pending deque (future PENDING)
-    ObjectRef.future() done --(rayx's thread only queues it)--> events --> dispatcher thread:
-        set_result / set_exception on the RayxFuture (user callbacks run here)
-        -> while fewer than `window` calls are in flight: pop pending -> RUNNING -> send
+    task done, on rayx's thread:
+        a value, and the future has no user callbacks -> set_result here, send the next call
+        else -> events --> dispatcher thread: set_result / set_exception (user callbacks run
+                here), then send what is ready
+    sending: while fewer than `window` calls are in flight, pop pending -> RUNNING -> send
     (window = max_workers, or one more when the cluster alone caps the calls below it)
 
-Results and task errors are delivered on the dispatcher thread only; a call that cannot even
-be sent (unpicklable) fails at once in the thread that sent it. Each executor owns its
-dispatcher, and the local cluster when it started one: the dispatcher shuts that cluster down
-when it exits, after the last call.
+User callbacks and task errors run on the dispatcher thread only, never on rayx's own threads;
+a plain result skips that thread switch, which on a small machine costs as much as the call.
+A call that cannot even be sent (unpicklable) fails at once in the thread that sent it. Each
+executor owns its dispatcher, and the local cluster when it started one: the dispatcher shuts
+that cluster down when it exits, after the last call.
 
 A call is PENDING while it waits in this executor's queue (cancel() drops it before any task
 exists) and RUNNING once its task is sent, as in ProcessPoolExecutor. Top-level ObjectRef
@@ -120,6 +123,15 @@ _cpu_lent = api.cpu_lent
 class RayxFuture(Future):
     """A concurrent.futures.Future for one call; blocking on it inside a task lends the CPU."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._has_callbacks = False  # read by the dispatcher under self._condition
+
+    def add_done_callback(self, fn: Callable[[Future], object]) -> None:
+        with self._condition:
+            self._has_callbacks = True
+            super().add_done_callback(fn)
+
     def result(self, timeout: float | None = None) -> Any:
         return super().result(self._wait_lending(timeout))
 
@@ -198,14 +210,16 @@ class _Dispatcher:
     def submit(self, item: _WorkItem) -> None:
         """Send the call now if a slot is free and none waits before it, else queue it."""
         with self.lock:
-            direct = not self.pending and len(self.running) < self.window
+            free = len(self.running) < self.window
+            direct = free and not self.pending
             if direct:
                 item.future.set_running_or_notify_cancel()
                 self.running[id(item)] = item
             else:
                 self.pending.append(item)
         if not direct:
-            self.events.put(_WAKEUP)
+            if free:  # else the call that frees a slot sends the queue on: no wake-up per call
+                self.events.put(_WAKEUP)
             return
         try:
             self._send(item)
@@ -252,7 +266,11 @@ class _Dispatcher:
                 except queue.Empty:
                     self._check_cluster()
                     event = _WAKEUP
-                if event is not _WAKEUP:
+                if event is _WAKEUP:
+                    pass
+                elif event[1] is None:  # a send that failed on a rayx thread: its error is
+                    self._send(event[0])  # met again and handled here
+                else:
                     self._complete(*event)
                 del event  # holds the call's result: keep no reference once it is delivered
                 self._send_ready()
@@ -291,8 +309,9 @@ class _Dispatcher:
             return
         self.window = self.max_workers + (1 if capacity <= self.max_workers else 0)
 
-    def _send_ready(self) -> None:
-        self.refresh_window()
+    def _send_ready(self, inline: bool = False) -> None:
+        if not inline:
+            self.refresh_window()
         while True:
             with self.lock:
                 if self.broken or not self.pending or len(self.running) >= self.window:
@@ -301,9 +320,19 @@ class _Dispatcher:
                 if not item.future.set_running_or_notify_cancel():
                     continue
                 self.running[id(item)] = item
-            self._send(item)
+            self._send(item, inline)
 
-    def _send(self, item: _WorkItem) -> None:
+    def _send(self, item: _WorkItem, inline: bool = False) -> None:
+        """Submit the call's task. `inline` (on a rayx thread): any failure is left to the
+        dispatcher thread, which sends the call again and handles the error there."""
+        if inline:
+            try:
+                ref = _submit_call(self._remote_for, self.spec, item.fn, item.args, item.kwargs)
+            except BaseException:
+                self.events.put((item, None))
+                return
+            self._track(item, ref)
+            return
         if not rayx.is_initialized():
             self._break("the rayx cluster this executor used was shut down")
             return
@@ -317,8 +346,44 @@ class _Dispatcher:
                 self.running.pop(id(item), None)
             item.future.set_exception(exc)
             return
+        self._track(item, ref)
+
+    def _track(self, item: _WorkItem, ref: rayx.ObjectRef) -> None:
         item.ref, item.fn, item.args, item.kwargs = ref, None, (), {}
-        ref.future().add_done_callback(lambda cf, item=item: self.events.put((item, cf)))
+        core = api.core()
+        core.when_ready(ref, lambda desc, item=item: self._on_done(item, core, desc))
+
+    def _on_done(self, item: _WorkItem, core, desc: tuple) -> None:
+        """On the rayx thread that saw the task finish. A success whose future has no user
+        callbacks is delivered here and the next call sent at once, sparing a thread switch
+        per call; errors and futures with callbacks go to the dispatcher thread."""
+        try:
+            outcome = core.value(item.ref, desc), None
+        except BaseException as exc:
+            outcome = None, exc
+        delivered = outcome[1] is None and self._deliver(item, outcome[0])
+        if not delivered:
+            self.events.put((item, outcome))
+        del outcome  # the caller may drop the result at once: hold none while sending on
+        if not delivered:
+            return
+        self._send_ready(inline=True)
+        with self.lock:
+            idle = not self.running and not self.pending
+        if idle:  # the dispatcher may be waiting to exit
+            self.events.put(_WAKEUP)
+
+    def _deliver(self, item: _WorkItem, value: Any) -> bool:
+        fut = item.future
+        with fut._condition:
+            if fut._has_callbacks:
+                return False
+            if not fut.done():  # else already failed by _break
+                fut.set_result(value)
+        with self.lock:
+            self.running.pop(id(item), None)
+        item.ref = None
+        return True
 
     def _remote_for(self, name: str):
         remote = self._remotes.get(name)
@@ -328,15 +393,15 @@ class _Dispatcher:
             remote = self._remotes[name] = _REMOTE_CALL.options(**self.options, name=name)
         return remote
 
-    def _complete(self, item: _WorkItem, cf: Future) -> None:
+    def _complete(self, item: _WorkItem, outcome: tuple[Any, BaseException | None]) -> None:
         with self.lock:
             self.running.pop(id(item), None)
         item.ref = None
         if item.future.done():  # already failed by _break
             return
-        exc = cf.exception()
+        value, exc = outcome
         if exc is None:
-            item.future.set_result(cf.result())
+            item.future.set_result(value)
         else:
             item.future.set_exception(self._translate(exc))
 
