@@ -32,25 +32,30 @@ from joblib._parallel_backends import (
 import rayx
 from rayx_futures.executor import RayxExecutor, RayxFuture, _cpu_lent
 
-LARGE_ARGUMENT_BYTES = 1 << 20  # arrays and frames from this size on are shared via the store
+# Arrays and frames from this size on are shared via the store, once per Parallel call. It is
+# the inline limit of task arguments: a batch holding one would go through the store anyway,
+# once per batch.
+LARGE_ARGUMENT_BYTES = 100 * 1024
 
 
 # --------------------------------------------------------------------------- worker side
 
 
-class _SharedUnpickler(pickle.Unpickler):
-    """Puts the resolved shared values back where the driver took them out."""
+_unpickling = threading.local()  # .shared: the resolved large arguments of the batch being loaded
 
-    def __init__(self, data: bytes, shared: tuple):
-        super().__init__(io.BytesIO(data))
-        self._shared = shared
 
-    def persistent_load(self, pid: int) -> Any:
-        return self._shared[pid]
+def _shared_argument(slot: int) -> Any:
+    """Unpickles to the large argument the driver took out of the batch at `slot`."""
+    return _unpickling.shared[slot]
 
 
 def _run_batch(payload: bytes, *shared: Any) -> list:
-    return _SharedUnpickler(payload, shared).load()()
+    _unpickling.shared = shared
+    try:
+        batch = pickle.loads(payload)
+    finally:
+        _unpickling.shared = ()
+    return batch()
 
 
 # --------------------------------------------------------------------------- driver side
@@ -97,14 +102,21 @@ def _nbytes(obj: Any) -> int:
 
 
 class _SharingPickler(cloudpickle.Pickler):
-    """Pickles a batch, swapping each large argument for its index in the task's arguments."""
+    """Pickles a batch, swapping each large argument for its index in the task's arguments.
+
+    A reducer_override, not a persistent_id: pickle calls the latter for every object of the
+    batch (thousands for a scikit-learn fit), the former only for non-builtin types."""
 
     def __init__(self, file: io.BytesIO, share: Callable[[Any], int | None]):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._share = share
 
-    def persistent_id(self, obj: Any) -> int | None:
-        return self._share(obj)
+    def reducer_override(self, obj: Any) -> Any:
+        if _kind(type(obj)):
+            slot = self._share(obj)
+            if slot is not None:
+                return _shared_argument, (slot,)
+        return super().reducer_override(obj)
 
 
 class _SharedArguments:
