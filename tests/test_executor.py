@@ -292,6 +292,30 @@ def test_as_completed_wait_and_callbacks(executor):
     wait_for(lambda: seen == [0], what="the done callback")
 
 
+def test_callbacks_run_on_the_dispatcher_thread_never_on_rayx_threads(executor):
+    """Plain results are delivered on rayx's connection thread; user callbacks must not be."""
+    threads = []
+    futures = [executor.submit(slow_identity, i, 0.05) for i in range(6)]
+    for fut in futures:
+        fut.add_done_callback(lambda f: threads.append(threading.current_thread().name))
+    failing = executor.submit(raise_runtime_error)
+    failing.add_done_callback(lambda f: threads.append(threading.current_thread().name))
+    assert [f.result(timeout=30) for f in futures] == list(range(6))
+    with pytest.raises(RuntimeError):
+        failing.result(timeout=30)
+    wait_for(lambda: len(threads) == 7, what="the done callbacks")
+    assert all(name.startswith("RayxExecutor-") for name in threads), threads
+
+
+def test_results_without_callbacks_reach_waiters(executor):
+    """The path that skips the dispatcher still wakes result(), as_completed and wait."""
+    futures = [executor.submit(mul, i, 2) for i in range(50)]
+    assert sorted(f.result() for f in cf.as_completed(futures, timeout=30)) == [
+        2 * i for i in range(50)]
+    done, not_done = cf.wait(futures, timeout=30)
+    assert len(done) == 50 and not not_done
+
+
 def test_cancel_pending_future_never_runs_its_call(rayx_cluster, tmp_path):
     marker = str(tmp_path / "cancelled-ran")
     with RayxExecutor(max_workers=1) as ex:
