@@ -50,11 +50,12 @@ def _shared_argument(slot: int) -> Any:
 
 
 def _run_batch(payload: bytes, *shared: Any) -> list:
+    outer = getattr(_unpickling, "shared", ())
     _unpickling.shared = shared
     try:
         batch = pickle.loads(payload)
     finally:
-        _unpickling.shared = ()
+        _unpickling.shared = outer
     return batch()
 
 

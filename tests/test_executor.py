@@ -566,3 +566,16 @@ def test_unpicklable_call_fails_only_its_future(executor):
     with pytest.raises(TypeError):
         future.result(timeout=30)
     assert executor.submit(mul, 2, 3).result() == 6
+
+
+def test_unpicklable_call_queued_behind_a_running_one_fails_only_its_future(rayx_cluster):
+    """A queued call is sent from the thread that saw the previous one finish; when it cannot
+    be pickled there, the dispatcher meets the error again and fails only that future."""
+    with RayxExecutor(max_workers=1) as ex:
+        first = ex.submit(slow_identity, "first", 0.3)
+        bad = ex.submit(id, threading.Lock())
+        after = ex.submit(mul, 2, 3)
+        assert first.result(timeout=30) == "first"
+        with pytest.raises(TypeError):
+            bad.result(timeout=30)
+        assert after.result(timeout=30) == 6
