@@ -73,6 +73,6 @@ WORKLOADS = [
         cases=[Case("rayx", "rayx_actor", ("rayx",)), Case("ray", "ray_actor", ("ray",)),
                Case("dask", "dask_actor", ("distributed",)), Case("pipe", "pipe_actor")],
         full={"calls": 5_000},
-        quick={"calls": 1_000, "repeats": 2},
+        quick={"calls": 500, "repeats": 2},
     ),
 ]
