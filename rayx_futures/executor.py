@@ -361,12 +361,10 @@ class _Dispatcher:
             outcome = core.value(item.ref, desc), None
         except BaseException as exc:
             outcome = None, exc
-        delivered = outcome[1] is None and self._deliver(item, outcome[0])
-        if not delivered:
+        if outcome[1] is not None or not self._deliver(item, outcome[0]):
             self.events.put((item, outcome))
-        del outcome  # the caller may drop the result at once: hold none while sending on
-        if not delivered:
             return
+        del outcome  # the caller may drop the result at once: hold none while sending on
         self._send_ready(inline=True)
         with self.lock:
             idle = not self.running and not self.pending
