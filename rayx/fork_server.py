@@ -46,6 +46,7 @@ def main() -> None:
 def _child(worker_id: str, config: dict) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # workers may run subprocesses and wait on them
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.setpgid(0, 0)  # the worker leads a process group: what its tasks start can be ended with it
     try:
         os.close(0)
         os.open(os.devnull, os.O_RDONLY)  # becomes fd 0

@@ -65,7 +65,7 @@ class Worker:
         api.set_worker_core(self.core, self)
         self.nm = wire.connect(f"unix:{config['nm_socket']}", config["token"],
                                self._on_nm_message,
-                               lambda c: os._exit(0))
+                               lambda c: exit_worker())
         signal.signal(signal.SIGUSR1, self._on_cancel_signal)
         self.nm.send(("register", worker_id, os.getpid(), self.listener.address))
 
@@ -86,7 +86,7 @@ class Worker:
         if msg[0] == "create_actor":
             self.tasks.put((conn, msg))
         elif msg[0] == "exit":
-            os._exit(0)
+            exit_worker()
 
     def _on_actor_call(self, conn, spec: TaskSpec) -> None:
         if self.actor_loop is not None:
@@ -141,7 +141,7 @@ class Worker:
             pass
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        exit_worker()
 
     def _run(self, spec: TaskSpec) -> tuple[list, list | None]:
         """Run one task: (result descriptors, refs nested in each result or None)."""
@@ -297,6 +297,18 @@ class Worker:
             conn.send(done)
         except ConnectionError:
             pass
+
+
+def exit_worker() -> None:
+    """End this worker now, and with it what its tasks started: the fork server made the worker
+    lead a process group, which its children (loky's workers, subprocesses) join, so SIGTERM to
+    the group ends them. loky's resource tracker ignores SIGTERM; it removes its semaphores
+    once the others are gone, then exits."""
+    try:
+        if os.getpgrp() == os.getpid():  # the worker is in the group: SIGTERM may end it first
+            os.killpg(os.getpid(), signal.SIGTERM)
+    finally:
+        os._exit(0)
 
 
 def _done(spec: TaskSpec, descs: list, nested: list | None) -> tuple:

@@ -21,6 +21,8 @@ from rayx import ids, wire
 from rayx.config import socket_path
 from rayx.scheduler import Allocation
 
+GROUP_GRACE = 1.0  # seconds the processes a worker started get to end after SIGTERM, at stop
+
 
 @dataclass(slots=True, eq=False)
 class WorkerRecord:
@@ -134,11 +136,13 @@ class WorkerPool:
         return self.workers.get(worker_id)
 
     def kill(self, rec: WorkerRecord) -> None:
+        """SIGKILL the worker, then SIGTERM its process group: what its tasks started goes too."""
         if rec.pid:
             try:
                 os.kill(rec.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _signal_group(rec.pid, signal.SIGTERM)
 
     def stop(self) -> None:
         """Kill every worker and the fork server; wait until they are gone."""
@@ -149,6 +153,10 @@ class WorkerPool:
             self.kill(rec)
         for rec in recs:  # while the fork server lives, it reaps them: no zombies left
             _wait_gone(rec.pid)
+        deadline = time.monotonic() + GROUP_GRACE  # what ignores SIGTERM gets SIGKILL after it
+        for rec in recs:
+            if rec.pid and not _wait_group_gone(rec.pid, deadline - time.monotonic()):
+                _signal_group(rec.pid, signal.SIGKILL)
         try:
             self.fork_server.stdin.close()
         except OSError:
@@ -156,6 +164,24 @@ class WorkerPool:
         self.fork_server.kill()
         self.fork_server.wait(5)
         self.listener.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to a worker's process group; False when no process is left in it."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _signal_group(pgid, 0):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _wait_gone(pid: int, timeout: float = 5.0) -> None:

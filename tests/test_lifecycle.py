@@ -66,6 +66,69 @@ def test_workers_are_forked_from_the_template_process(fresh_cluster):
     assert "rayx.fork_server" in rayx.get(parent_cmdline.remote())
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+IGNORES_SIGTERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                   "print('ready', flush=True); time.sleep(600)")
+
+
+def _start_children() -> dict:
+    """In a task: one child that exits on SIGTERM and one that ignores it."""
+    plain = subprocess.Popen(["sleep", "600"])
+    stubborn = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM], stdout=subprocess.PIPE)
+    stubborn.stdout.readline()  # its handler is set
+    return {"worker": os.getpid(), "children": [plain.pid, stubborn.pid]}
+
+
+def test_processes_a_task_started_end_at_shutdown(fresh_cluster):
+    fresh_cluster(num_cpus=1)
+    out = rayx.get(rayx.remote(_start_children).remote())
+    assert not any(_gone(pid) for pid in out["children"])
+    rayx.shutdown()
+    wait_for(lambda: all(_gone(pid) for pid in out["children"]), 10,
+             what="the task's child processes to end with its worker")
+
+
+def test_processes_a_task_started_end_when_its_worker_retires(fresh_cluster):
+    fresh_cluster(num_cpus=1)
+
+    @rayx.remote(max_calls=1)
+    def start_sleeper():
+        return subprocess.Popen(["sleep", "600"]).pid
+
+    pid = rayx.get(start_sleeper.remote())
+    wait_for(lambda: _gone(pid), 10, what="the child of a retired worker to end")
+
+
+@pytest.mark.timeout(120)
+def test_loky_inside_a_task_leaves_no_process_or_semaphore(fresh_cluster):
+    fresh_cluster(num_cpus=1)
+
+    @rayx.remote
+    def use_loky():
+        from joblib import Parallel, delayed
+
+        pids = Parallel(n_jobs=2, backend="loky")(delayed(os.getpid)() for _ in range(4))
+        return os.getpid(), sorted(set(pids))
+
+    worker, loky_pids = rayx.get(use_loky.remote())
+    assert loky_pids and worker not in loky_pids
+
+    def loky_files():
+        return [n for n in os.listdir("/dev/shm")
+                if n.startswith((f"sem.loky-{worker}-", f"joblib_memmapping_folder_{worker}_"))]
+
+    assert loky_files()  # loky made its semaphores: the check below can fail
+    rayx.shutdown()
+    wait_for(lambda: all(_gone(pid) for pid in loky_pids), 10, what="loky's workers to end")
+    wait_for(lambda: not loky_files(), 10, what="loky's semaphores and folders to be removed")
+
+
 def test_driver_killed_with_sigkill_takes_the_cluster_down():
     driver = _run_driver("""
         import numpy as np, rayx, time
