@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import re
 import sys
 import threading
 import time
@@ -37,6 +38,18 @@ def rayx_processes(containing: str = "") -> list[psutil.Process]:
 
 def rayx_segments() -> list[str]:
     return [n for n in os.listdir(SHM) if n.startswith("rayx-")]
+
+
+def stray_loky() -> list[str]:
+    """loky processes and /dev/shm entries left by rayx workers, not by this test process:
+    scikit-learn's loky use inside a task must end with the worker."""
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    procs = [f"pid {p.pid}" for p in psutil.process_iter(["cmdline"])
+             if "joblib.externals.loky" in " ".join(p.info["cmdline"] or []) and p.pid not in mine]
+    created_by = (re.match(r"(?:sem\.loky-|joblib_memmapping_folder_)(\d+)[-_]", n)
+                  for n in os.listdir(SHM))
+    files = [m.string for m in created_by if m and m.group(1) != str(os.getpid())]
+    return procs + files
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = ""):
@@ -83,6 +96,7 @@ def no_leaks():
     """Fail the run if rayx processes or shared-memory segments outlive the tests."""
     before = {p.pid for p in rayx_processes()}
     shm_before = set(rayx_segments())
+    loky_before = set(stray_loky())
     yield
     if rayx.is_initialized():
         rayx.shutdown()
@@ -90,6 +104,8 @@ def no_leaks():
              what="rayx processes to exit after the test session")
     wait_for(lambda: not set(rayx_segments()) - shm_before, 15,
              what="rayx shared-memory segments to be removed")
+    wait_for(lambda: not set(stray_loky()) - loky_before, 15,
+             what="loky processes and semaphores of rayx workers to be removed")
 
 
 @pytest.fixture(scope="module")
