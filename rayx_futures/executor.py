@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import rayx
-from rayx import api
+from rayx import api, serialization
 from rayx.exceptions import (
     RayxError,
     RayxSystemError,
@@ -453,12 +453,31 @@ class _StoredFn:
         self.ref, self.name = ref, name
 
 
-def _store_once(fn: Callable, name: str | None = None) -> Callable | _StoredFn:
-    """Pickle fn once for a whole map() (a lambda costs more to pickle than a tiny call)."""
+class _BoundFn:
+    """The calls of one map() as their own remote function: fn and the executor's _CallSpec
+    are pickled once into it, and each worker unpickles it once, so a call carries only its
+    items. For a function small enough to travel inline with every call."""
+
+    __slots__ = ("remote",)
+
+    def __init__(self, remote: Any):
+        self.remote = remote
+
+
+def _for_map(fn: Callable, name: str, spec: _CallSpec,
+             options: dict) -> Callable | _BoundFn | _StoredFn:
+    """Prepare fn for a whole map(): pickling it per call costs more than a tiny call.
+    With max_tasks_per_child the calls keep the executor's one remote function, which is
+    what a worker counts its calls by."""
     if not rayx.is_initialized():
         return fn
+    fn = _by_reference(fn)
     try:
-        return _StoredFn(rayx.put(_by_reference(fn)), name or _call_name(fn))
+        bound = functools.partial(_run_call, spec, fn)
+        small = len(serialization.dumps(bound)) <= api.core().settings.inline_threshold
+        if small and not options.get("max_calls"):
+            return _BoundFn(rayx.remote(bound).options(**options, name=name))
+        return _StoredFn(rayx.put(fn), name)
     except Exception:  # unpicklable: each call then fails on its own future
         return fn
 
@@ -466,6 +485,8 @@ def _store_once(fn: Callable, name: str | None = None) -> Callable | _StoredFn:
 def _submit_call(remote_for: Callable[[str], Any], spec: _CallSpec, fn: Callable,
                  args: tuple, kwargs: dict):
     """Send one call as a task named after fn; its top-level ObjectRef arguments resolve."""
+    if isinstance(fn, _BoundFn):
+        return fn.remote.remote(*args, **kwargs)
     if isinstance(fn, _StoredFn):
         remote, fn = remote_for(fn.name), fn.ref  # a top-level ref: the worker gets the function
     else:
@@ -566,6 +587,9 @@ class RayxExecutor(Executor):
         self._dispatcher.start()
         weakref.finalize(self, self._dispatcher.release)
 
+    def _for_map(self, fn: Callable, name: str) -> Callable | _BoundFn | _StoredFn:
+        return _for_map(fn, name, self._dispatcher.spec, self._dispatcher.options)
+
     @property
     def _broken(self) -> bool | str:
         return self._dispatcher.broken
@@ -595,11 +619,11 @@ class RayxExecutor(Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
-            return _map(self, _store_once(fn), zip(*iterables, strict=False), timeout,
-                        buffersize)
+            return _map(self, self._for_map(fn, _call_name(fn)), zip(*iterables, strict=False),
+                        timeout, buffersize)
         chunks = _batched(zip(*iterables, strict=False), chunksize)
-        call_chunk = _store_once(functools.partial(_process_chunk, _by_reference(fn)),
-                                 f"{_call_name(fn)}[chunk]")
+        call_chunk = self._for_map(functools.partial(_process_chunk, _by_reference(fn)),
+                                   f"{_call_name(fn)}[chunk]")
         results = _map(self, call_chunk, zip(chunks, strict=False), timeout, buffersize)
         return _chain_from_iterable_of_lists(results)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import logging
 import os
@@ -388,6 +389,30 @@ def test_failing_initializer_breaks_the_executor(rayx_cluster, caplog):
             ex.submit(mul, 1, 2)
         ex.shutdown()
     assert any("ValueError: error in initializer" in r.getMessage() for r in caplog.records)
+
+
+def test_map_calls_run_after_the_initializer(rayx_cluster):
+    with RayxExecutor(max_workers=2, initializer=set_env,
+                      initargs=("RAYX_TEST_INIT", "mapped")) as ex:
+        for chunksize in (1, 2):
+            assert list(ex.map(get_env, ["RAYX_TEST_INIT"] * 4, chunksize=chunksize)) == \
+                ["mapped"] * 4
+
+
+def test_map_with_a_large_closure(executor):
+    import numpy as np
+
+    big = np.arange(200_000)  # 1.6 MB: the function travels through the object store
+    assert list(executor.map(lambda i: int(big[i]), [0, 199_999])) == [0, 199_999]
+    assert list(executor.map(lambda i: int(big[i]), range(4), chunksize=2)) == [0, 1, 2, 3]
+
+
+def test_max_tasks_per_child_counts_map_calls_too(rayx_cluster):
+    with RayxExecutor(1, max_tasks_per_child=2) as ex:
+        pids = [ex.submit(os.getpid).result()]
+        pids += list(ex.map(lambda _: os.getpid(), range(3)))
+    counts = collections.Counter(pids)
+    assert len(counts) == 2 and max(counts.values()) == 2, pids
 
 
 def test_max_tasks_per_child_retires_workers(rayx_cluster):
