@@ -378,7 +378,8 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         return pb.Empty()
 
     def _watch_loop(self) -> None:
-        """Heartbeats to the head; drivers' liveness; the local cluster's driver."""
+        """Heartbeats to the head; drivers' liveness; the local cluster's driver; SIGKILL for
+        what ended workers started and left behind."""
         last_beat = 0.0
         while not self.stopped.wait(0.1):
             if self.driver_pid and not psutil.pid_exists(self.driver_pid):
@@ -391,6 +392,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
                     del self.clients[c]
             for c in gone:
                 self._owner_gone(c)
+            self.workers.reap_groups()
             if time.monotonic() - last_beat >= self.settings.heartbeat_interval:
                 last_beat = time.monotonic()
                 info = self._info()

@@ -21,7 +21,7 @@ from rayx import ids, wire
 from rayx.config import socket_path
 from rayx.scheduler import Allocation
 
-GROUP_GRACE = 1.0  # seconds the processes a worker started get to end after SIGTERM, at stop
+GROUP_GRACE = 1.0  # seconds the processes a worker started get after SIGTERM, before SIGKILL
 
 
 @dataclass(slots=True, eq=False)
@@ -59,6 +59,9 @@ class WorkerPool:
             [sys.executable, "-m", "rayx.fork_server", json.dumps(worker_config)],
             stdin=subprocess.PIPE, stdout=stdout, stderr=stdout, start_new_session=False)
         self._stopped = False
+        # process groups of workers that ended, still holding what their tasks started:
+        # pgid -> when they get SIGKILL (reap_groups, from the node's watch loop, and stop)
+        self._ending_groups: dict[int, float] = {}
 
     def start_worker(self, prestart: bool = False) -> WorkerRecord:
         rec = WorkerRecord(ids.new_id(), prestarted=prestart)
@@ -105,6 +108,8 @@ class WorkerPool:
                 self.idle.remove(rec)
             rec.state = "dead"
             self.idle_cond.notify_all()
+            if rec.pid:  # its group had SIGTERM from the worker or from kill()
+                self._ending_groups.setdefault(rec.pid, time.monotonic() + GROUP_GRACE)
         rec.ready.set()
         if not self._stopped:
             self.on_death(rec)
@@ -136,7 +141,8 @@ class WorkerPool:
         return self.workers.get(worker_id)
 
     def kill(self, rec: WorkerRecord) -> None:
-        """SIGKILL the worker, then SIGTERM its process group: what its tasks started goes too."""
+        """SIGKILL the worker, then SIGTERM its process group: what its tasks started goes too
+        (what ignores SIGTERM gets SIGKILL GROUP_GRACE later, see reap_groups)."""
         if rec.pid:
             try:
                 os.kill(rec.pid, signal.SIGKILL)
@@ -144,19 +150,34 @@ class WorkerPool:
                 pass
             _signal_group(rec.pid, signal.SIGTERM)
 
+    def reap_groups(self) -> None:
+        """SIGKILL the groups of ended workers whose grace is over; forget the empty ones."""
+        now = time.monotonic()
+        with self.lock:
+            live = {r.pid for r in self.workers.values()}  # a reused pid leads a new worker
+            due = [g for g, t in self._ending_groups.items() if t <= now or g in live]
+            for pgid in due:
+                del self._ending_groups[pgid]
+        for pgid in due:
+            if pgid not in live:
+                _signal_group(pgid, signal.SIGKILL)
+
     def stop(self) -> None:
-        """Kill every worker and the fork server; wait until they are gone."""
+        """Kill every worker and what their tasks started, then the fork server."""
         self._stopped = True
         with self.lock:
             recs = list(self.workers.values())
         for rec in recs:
             self.kill(rec)
+        with self.lock:
+            groups = set(self._ending_groups) | {rec.pid for rec in recs if rec.pid}
+            self._ending_groups.clear()
+        deadline = time.monotonic() + GROUP_GRACE  # one grace for all: stop is bounded
+        for pgid in groups:
+            if not _wait_group_gone(pgid, deadline - time.monotonic()):
+                _signal_group(pgid, signal.SIGKILL)
         for rec in recs:  # while the fork server lives, it reaps them: no zombies left
-            _wait_gone(rec.pid)
-        deadline = time.monotonic() + GROUP_GRACE  # what ignores SIGTERM gets SIGKILL after it
-        for rec in recs:
-            if rec.pid and not _wait_group_gone(rec.pid, deadline - time.monotonic()):
-                _signal_group(rec.pid, signal.SIGKILL)
+            _wait_gone(rec.pid, 2.0)
         try:
             self.fork_server.stdin.close()
         except OSError:

@@ -95,14 +95,26 @@ def test_processes_a_task_started_end_at_shutdown(fresh_cluster):
 
 
 def test_processes_a_task_started_end_when_its_worker_retires(fresh_cluster):
+    """The worker ends itself (max_calls): SIGTERM to its group, SIGKILL for what ignores it."""
     fresh_cluster(num_cpus=1)
+    out = rayx.get(rayx.remote(max_calls=1)(_start_children).remote())
+    wait_for(lambda: all(_gone(pid) for pid in out["children"]), 10,
+             what="the children of a retired worker to end")
+    assert rayx.get(rayx.remote(lambda: 1).remote()) == 1  # the node goes on
 
-    @rayx.remote(max_calls=1)
-    def start_sleeper():
-        return subprocess.Popen(["sleep", "600"]).pid
 
-    pid = rayx.get(start_sleeper.remote())
-    wait_for(lambda: _gone(pid), 10, what="the child of a retired worker to end")
+class _ChildStarter:
+    def start(self) -> dict:
+        return _start_children()
+
+
+def test_processes_an_actor_started_end_when_it_is_killed(fresh_cluster):
+    fresh_cluster(num_cpus=1)
+    actor = rayx.remote(_ChildStarter).remote()
+    out = rayx.get(actor.start.remote())
+    rayx.kill(actor)
+    wait_for(lambda: all(_gone(pid) for pid in out["children"]), 10,
+             what="the children of a killed actor to end")
 
 
 @pytest.mark.timeout(120)
