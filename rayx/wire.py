@@ -119,27 +119,39 @@ class _TlsSession:
         self.sock.sendall(out)
 
     def receive(self, send_lock: threading.Lock) -> bytes:
-        """Plain bytes from the next records; b"" when the peer closed."""
+        """Plain bytes from the next records; b"" when the peer closed. Records already
+        buffered (read along with the handshake's last one, say) come first: the peer may
+        send nothing more until they are answered."""
         while True:
+            if self.incoming.pending or self.obj.pending():
+                data = self._decode(send_lock)
+                if data is not None:
+                    return data
             raw = self.sock.recv(1 << 18)
             if not raw:
                 return b""
-            with send_lock:  # what reading makes the SSL object write goes out in order
-                with self.lock:
-                    self.incoming.write(raw)
-                    chunks = []
-                    try:
-                        while chunk := self.obj.read(1 << 18):
-                            chunks.append(chunk)
-                    except ssl.SSLWantReadError:
-                        pass
-                    except ssl.SSLZeroReturnError:
-                        return b"".join(chunks)
-                    out = self.outgoing.read()
-                if out:
-                    self.sock.sendall(out)
-            if chunks:
-                return b"".join(chunks)
+            with self.lock:
+                self.incoming.write(raw)
+
+    def _decode(self, send_lock: threading.Lock) -> bytes | None:
+        """Every whole record buffered, decrypted; None when a record is still incomplete."""
+        with send_lock:  # what reading makes the SSL object write goes out in order
+            with self.lock:
+                chunks = []
+                closed = False
+                try:
+                    while chunk := self.obj.read(1 << 18):
+                        chunks.append(chunk)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    closed = True
+                out = self.outgoing.read()
+            if out:
+                self.sock.sendall(out)
+        if chunks or closed:
+            return b"".join(chunks)
+        return None
 
 
 class _TlsReader:

@@ -138,6 +138,32 @@ def test_tls_channel_carries_frames_both_ways_from_many_threads(tls):
         lst.stop()
 
 
+def test_tls_frames_that_arrive_with_the_handshake_are_served(tls):
+    """The client's last handshake record and its first frames in one TCP segment: the
+    listener decodes the frames already buffered instead of waiting for more bytes."""
+    received: list = []
+    lst = _listener(received)
+    try:
+        _, addr = wire.parse_address(lst.address)
+        with socket.create_connection(addr, timeout=10) as sock:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            client = wire._tls_client.wrap_bio(incoming, outgoing, server_hostname=addr[0])
+            while True:
+                try:
+                    client.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    sock.sendall(outgoing.read())
+                    incoming.write(sock.recv(1 << 16))
+            for frame in (b"RXH1secret", pickle.dumps(("ping",))):
+                client.write(struct.pack("<I", len(frame)) + frame)
+            sock.sendall(outgoing.read())  # Finished, token and message together
+            wait_for(lambda: received, 10, what="the frame sent with the handshake")
+        assert received == [("ping",)]
+    finally:
+        lst.stop()
+
+
 def test_tls_listener_refuses_plain_and_certificate_less_peers(tls, tmp_path):
     cert, _ = tls
     received: list = []
