@@ -358,29 +358,36 @@ class _Dispatcher:
         callbacks is delivered here and the next call sent at once, sparing a thread switch
         per call; errors and futures with callbacks go to the dispatcher thread."""
         try:
-            outcome = core.value(item.ref, desc), None
+            box = [core.value(item.ref, desc)]
         except BaseException as exc:
-            outcome = None, exc
-        if outcome[1] is not None or not self._deliver(item, outcome[0]):
-            self.events.put((item, outcome))
+            self.events.put((item, (None, exc)))
             return
-        del outcome  # the caller may drop the result at once: hold none while sending on
+        if not self._deliver(item, box):
+            self.events.put((item, (box.pop(), None)))
+            return
         self._send_ready(inline=True)
         with self.lock:
             idle = not self.running and not self.pending
         if idle:  # the dispatcher may be waiting to exit
             self.events.put(_WAKEUP)
 
-    def _deliver(self, item: _WorkItem, value: Any) -> bool:
+    def _deliver(self, item: _WorkItem, box: list) -> bool:
+        """Set the future's result from `box` unless it has callbacks (False: not delivered).
+        The waiter wakes only once the future's condition is released, and by then this thread
+        holds neither the value nor the future: the caller of result() has the only references
+        (as map's callers expect, freeing each result when they drop it)."""
         fut = item.future
         with fut._condition:
             if fut._has_callbacks:
                 return False
+            with self.lock:
+                if self.running.pop(id(item), None) is not None:  # else _break has it
+                    item.future = None
+            item.ref = None
             if not fut.done():  # else already failed by _break
-                fut.set_result(value)
-        with self.lock:
-            self.running.pop(id(item), None)
-        item.ref = None
+                fut.set_result(box.pop())
+            box.clear()
+            del fut
         return True
 
     def _remote_for(self, name: str):
