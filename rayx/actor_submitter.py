@@ -7,11 +7,14 @@
     ("done", task_id, descs) <- worker
     connection lost --> calls in flight retried after restart (max_task_retries) or failed with
                         ActorDiedError; the next call asks the head for the new address
+    the head still names the lost address (it has not heard of the death yet) --> ask again
+                        shortly; calls lost again on that same address do not count as retries
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,6 +34,12 @@ class ActorConn:
     waiting: set = field(default_factory=set)  # queued task ids whose arguments are pending
     resolving: bool = False
     dead: str = ""  # why the actor is dead, once it is
+    lost_address: str = ""  # the address of the incarnation whose connection was last lost
+    lost_at: float = 0.0
+
+
+STALE_ADDRESS_WAIT = 2.0  # seconds to wait for the head to replace a lost address, at most
+STALE_ADDRESS_POLL = 0.02
 
 
 class ActorSubmitter:
@@ -109,10 +118,18 @@ class ActorSubmitter:
         except Exception as exc:
             state, cause, address = "DEAD", f"the head could not be reached: {exc}", ""
         conn = None
+        if (state == "ALIVE" and address == ac.lost_address
+                and time.monotonic() - ac.lost_at < STALE_ADDRESS_WAIT):
+            # that incarnation died, but the head has not heard yet (its node reports the death
+            # after the caller's connection drops), and a dying process may still accept
+            with self.lock:
+                ac.resolving = False
+            self.core.timers.call_later(STALE_ADDRESS_POLL, lambda: self._resolve_again(ac))
+            return
         if state == "ALIVE":
             try:
                 conn = wire.connect(address, self.core.token, self._on_msg,
-                                    lambda c: self._on_lost(ac, c))
+                                    lambda c: self._on_lost(ac, c, address))
                 conn.peer = ac
             except OSError:
                 conn = None  # it died in between: ask again
@@ -132,6 +149,11 @@ class ActorSubmitter:
         for spec in failed:
             self.core.fail_task(spec, ActorDiedError(ac.dead))
 
+    def _resolve_again(self, ac: ActorConn) -> None:
+        with self.lock:
+            if ac.conn is None and not ac.dead:
+                self._resolve(ac)
+
     def _on_msg(self, conn: wire.Connection, msg) -> None:
         if msg[0] == "log":
             echo_output(msg[1], msg[2])
@@ -144,15 +166,20 @@ class ActorSubmitter:
         if spec is not None:
             self.core.finish_task(spec, msg[2], msg[3] if len(msg) > 3 else None)
 
-    def _on_lost(self, ac: ActorConn, conn: wire.Connection) -> None:
+    def _on_lost(self, ac: ActorConn, conn: wire.Connection, address: str) -> None:
         with self.lock:
             if ac.conn is conn:
                 ac.conn = None
+            # the incarnation lost moments ago, reached again before the head knew: no new failure
+            again = (address == ac.lost_address
+                     and time.monotonic() - ac.lost_at < STALE_ADDRESS_WAIT)
+            if not again:
+                ac.lost_address, ac.lost_at = address, time.monotonic()
             lost = sorted(ac.inflight.values(), key=lambda s: s.attempt)
             ac.inflight.clear()
-            retry = [s for s in lost if s.attempt < s.max_retries]
+            retry = [s for s in lost if again or s.attempt < s.max_retries]
             for s in retry:
-                s.attempt += 1
+                s.attempt += 0 if again else 1
             ac.queue.extendleft(reversed(retry))
             failed = [s for s in lost if s not in retry]
             if ac.queue and not self.closed:
