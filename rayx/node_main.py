@@ -7,6 +7,7 @@ Shutdown call, SIGTERM, or (local mode) the death of the driver that started it.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ from rayx.head import HeadService
 from rayx.node import NodeManager
 from rayx.object_store import ObjectStore
 from rayx.protocol import rayx_pb2_grpc
+
+SIGNAL_POLL = 0.2  # seconds: how soon SIGTERM is seen when it was delivered to another thread
 
 
 def run(config: dict) -> None:
@@ -55,14 +58,19 @@ def run(config: dict) -> None:
     server.start()
     if head is not None:
         head.start()
-    signal.signal(signal.SIGTERM, lambda *a: node.stopped.set())
+    # The handlers only note the signal: one that took a lock (Event.set) could deadlock on a
+    # lock the main thread holds, and a signal that lands on another thread (gRPC's) never
+    # interrupts a main thread blocked without a timeout, so the loop below polls.
+    signals: list[int] = []
+    signal.signal(signal.SIGTERM, lambda sig, frame: signals.append(sig))
     signal.signal(signal.SIGINT, signal.SIG_IGN if config.get("driver_pid") else
-                  (lambda *a: node.stopped.set()))
+                  (lambda sig, frame: signals.append(sig)))
     try:
         node.start()
         _write_ready(session_dir, node_id, {"address": address, "pid": os.getpid(),
                                             "head": bool(head), "store_dir": store.store_dir})
-        node.stopped.wait()
+        while not signals and not node.stopped.wait(SIGNAL_POLL):
+            pass
     finally:
         node.stop()
         if head is not None:
@@ -95,6 +103,7 @@ def _remove_ready(session_dir: str, node_id: str) -> None:
 
 def main() -> None:
     config = json.loads(sys.argv[1])
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2`: stacks to stderr
     logging.basicConfig(level=logging.WARNING,
                         format=f"[rayx node {config['node_id'][:8]}] %(levelname)s %(message)s")
     run(config)

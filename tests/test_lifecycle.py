@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import grpc
 import psutil
@@ -77,6 +78,18 @@ IGNORES_SIGTERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SI
                    "print('ready', flush=True); time.sleep(600)")
 
 
+def _whereabouts(pids: list[int]) -> str:
+    """For a failure message: what is left of each child, and in which process group."""
+    out = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            out.append(f"pid {pid} {p.status()} ppid {p.ppid()} pgid {os.getpgid(pid)}")
+        except (psutil.Error, OSError):
+            out.append(f"pid {pid} gone")
+    return "; ".join(out)
+
+
 def _start_children() -> dict:
     """In a task: one child that exits on SIGTERM and one that ignores it."""
     plain = subprocess.Popen(["sleep", "600"])
@@ -89,9 +102,15 @@ def test_processes_a_task_started_end_at_shutdown(fresh_cluster):
     fresh_cluster(num_cpus=1)
     out = rayx.get(rayx.remote(_start_children).remote())
     assert not any(_gone(pid) for pid in out["children"])
+    node, began = rayx.api._node.process, time.monotonic()
     rayx.shutdown()
-    wait_for(lambda: all(_gone(pid) for pid in out["children"]), 10,
-             what="the task's child processes to end with its worker")
+    try:
+        wait_for(lambda: all(_gone(pid) for pid in out["children"]), 10,
+                 what="the task's child processes to end with its worker")
+    except BaseException:
+        print(f"shutdown took {time.monotonic() - began:.1f} s, node exit code {node.returncode}"
+              f"; worker {out['worker']}; children: {_whereabouts(out['children'])}")
+        raise
 
 
 def test_processes_a_task_started_end_when_its_worker_retires(fresh_cluster):
@@ -139,6 +158,22 @@ def test_loky_inside_a_task_leaves_no_process_or_semaphore(fresh_cluster):
     rayx.shutdown()
     wait_for(lambda: all(_gone(pid) for pid in loky_pids), 10, what="loky's workers to end")
     wait_for(lambda: not loky_files(), 10, what="loky's semaphores and folders to be removed")
+
+
+def test_node_stops_on_sigterm_whichever_thread_takes_it(fresh_cluster):
+    """kill() of a thread id sends the process its signal with that thread first in line, as
+    happens by chance when the main thread waits: the node must still stop, not wait for the
+    SIGKILL that follows 10 s later."""
+    fresh_cluster(num_cpus=1)
+    assert rayx.get(rayx.remote(lambda: 1).remote()) == 1
+    node = rayx.api._node.process
+    others = [t.id for t in psutil.Process(node.pid).threads() if t.id != node.pid]
+    assert others
+    os.kill(others[-1], signal.SIGTERM)
+    try:
+        assert node.wait(5) == 0
+    finally:
+        rayx.shutdown()
 
 
 def test_driver_killed_with_sigkill_takes_the_cluster_down():
