@@ -100,7 +100,9 @@ class Worker:
         self.cancelled.add(task_id)
         cur = self.current
         if cur is not None and cur.task_id == task_id and self.in_user_code:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            # to the main thread itself: a process-wide signal taken by another thread would
+            # not interrupt a task blocked in a call like time.sleep
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
     def _on_cancel_signal(self, signum, frame) -> None:
         cur = self.current
