@@ -9,6 +9,7 @@ milliseconds instead of a fresh interpreter's start.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ def main() -> None:
     _preimport()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps workers: no zombies
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C in the driver's terminal is not ours
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # stack dump to stderr; workers too
     stdin = sys.stdin.buffer
     for line in iter(stdin.readline, b""):
         worker_id = line.decode().strip()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -91,6 +92,44 @@ def hard_deadline(request):
     timer.cancel()
 
 
+_test_starts: list[tuple[float, str]] = []  # (wall time, test id), for naming a leak's origin
+
+
+def pytest_runtest_setup(item) -> None:
+    _test_starts.append((time.time(), item.nodeid))
+
+
+def _describe(procs: list[psutil.Process]) -> str:
+    """pid, parent, state, age, the test that was running when it started, and its command line
+    (the session directory names the cluster); each is also asked to dump its stacks (SIGUSR2)."""
+    lines = []
+    for p in procs:
+        try:
+            with p.oneshot():
+                born, info = p.create_time(), (p.ppid(), p.status(), " ".join(p.cmdline()))
+            p.send_signal(signal.SIGUSR2)
+        except psutil.Error:
+            continue
+        during = [nodeid for start, nodeid in _test_starts if start <= born]
+        lines.append(f"pid {p.pid} ppid {info[0]} {info[1]}, {time.time() - born:.0f} s old, "
+                     f"started during {during[-1] if during else 'setup'}: {info[2][-240:]}")
+    time.sleep(0.5)  # let the stack dumps reach stderr before the report
+    return "\n".join(lines)
+
+
+def _check_no_leftovers(before: set[int], shm_before: set[str], scope: str) -> None:
+    """Shut down a cluster still running, then fail if rayx processes or segments remain."""
+    if rayx.is_initialized():
+        rayx.shutdown()
+    deadline = time.monotonic() + 15
+    while (left := [p for p in rayx_processes() if p.pid not in before]):
+        if time.monotonic() > deadline:
+            pytest.fail(f"rayx processes outlived {scope} by 15 s:\n{_describe(left)}")
+        time.sleep(0.02)
+    wait_for(lambda: not set(rayx_segments()) - shm_before, 15,
+             what=f"rayx shared-memory segments of {scope} to be removed")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks():
     """Fail the run if rayx processes or shared-memory segments outlive the tests."""
@@ -98,14 +137,18 @@ def no_leaks():
     shm_before = set(rayx_segments())
     loky_before = set(stray_loky())
     yield
-    if rayx.is_initialized():
-        rayx.shutdown()
-    wait_for(lambda: not [p for p in rayx_processes() if p.pid not in before], 15,
-             what="rayx processes to exit after the test session")
-    wait_for(lambda: not set(rayx_segments()) - shm_before, 15,
-             what="rayx shared-memory segments to be removed")
+    _check_no_leftovers(before, shm_before, "the test session")
     wait_for(lambda: not set(stray_loky()) - loky_before, 15,
              what="loky processes and semaphores of rayx workers to be removed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leaks_in_module(request):
+    """The same check after each module, so that a leak is reported where it happened."""
+    before = {p.pid for p in rayx_processes()}
+    shm_before = set(rayx_segments())
+    yield
+    _check_no_leftovers(before, shm_before, request.module.__name__)
 
 
 @pytest.fixture(scope="module")
