@@ -28,20 +28,22 @@ class Cluster:
     def address(self) -> str:
         return self.head.address
 
-    def _start(self, head: bool, num_cpus, num_gpus=0, resources=None, store=None):
+    def _start(self, head: bool, num_cpus, num_gpus=0, resources=None, store=None, host=None):
         table, gpus = cluster.node_resources(num_cpus, num_gpus, resources)
         node = cluster.start_node(
             self.session, self.settings, head=head,
             head_address="" if head else self.head.address, resources=table, num_gpus=gpus,
             object_store_memory=store or self.object_store_memory, driver_pid=os.getpid(),
-            host=self.host, log_to_file=True)
+            host=host or self.host, log_to_file=True)
         self.nodes.append(node)
         return node
 
     def add_node(self, num_cpus: float = 1, num_gpus: int = 0, resources: dict | None = None,
-                 object_store_memory: int | None = None) -> cluster.NodeProcess:
-        """Start one more node process that joins this cluster's head."""
-        return self._start(False, num_cpus, num_gpus, resources, object_store_memory)
+                 object_store_memory: int | None = None,
+                 host: str | None = None) -> cluster.NodeProcess:
+        """Start one more node process that joins this cluster's head (on `host`, if given,
+        instead of the cluster's)."""
+        return self._start(False, num_cpus, num_gpus, resources, object_store_memory, host)
 
     def kill_node(self, node: cluster.NodeProcess) -> None:
         """SIGKILL a node's manager, as a crash would: its workers follow it."""

@@ -6,7 +6,8 @@
     node managers --ReportActorState(WORKER_DIED)--> restart (max_restarts) or DEAD
     anyone --KvPut/KvGet/KvDel/KvKeys--> small key-value store
     drivers --RegisterJob (init) / FinishJob (shutdown)--> job table; OwnerDied of a driver
-                                                           whose job still runs -> FAILED
+                                                           whose job still runs, or the death
+                                                           of its node -> FAILED
 
 State persists in SQLite (head.db in the session directory), so a restarted head recovers its
 actors, names, jobs and KV entries. One background thread (the monitor) owns node liveness and actor
@@ -413,6 +414,10 @@ class HeadService(rayx_pb2_grpc.HeadServicer):
                 for actor in self.actors.values():
                     if actor.node_id == rec.info.node_id and actor.state == "ALIVE":
                         self._worker_died(actor, f"its node {rec.info.node_id[:12]} died")
+                for job in self.jobs.values():  # its drivers can no longer reach the cluster
+                    if job.node_id == rec.info.node_id and job.state == "RUNNING":
+                        self._end_job(job, "FAILED", f"the node {rec.info.node_id[:12]} the "
+                                      "driver was connected to died")
                 self.cond.notify_all()
 
     def stop(self) -> None:
