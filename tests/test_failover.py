@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import rayx
+from rayx import rpc
 from rayx.cluster_utils import Cluster
 from rayx.exceptions import ObjectLostError
+from rayx.protocol import rayx_pb2 as pb
 
 from .conftest import wait_for
 
@@ -143,3 +145,39 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_job_fails_when_the_node_its_driver_uses_dies():
+    """The head on 127.0.0.2, a node on 127.0.0.1: a driver on this host joins through the
+    node on its own address, 127.0.0.1; that node dies and the job is marked FAILED."""
+    import subprocess
+
+    from .test_multinode import _driver
+
+    if rayx.is_initialized():
+        rayx.shutdown()
+    c = Cluster(head_cpus=1, host="127.0.0.2", node_timeout=2.0, heartbeat_interval=0.2)
+    head = rpc.head_stub(rpc.channel(c.address, c.session.token, None))
+
+    def job_of(pid: int):
+        return next((j for j in head.ListJobs(pb.Empty(), timeout=10).jobs
+                     if j.driver_pid == pid), None)
+
+    try:
+        node = c.add_node(num_cpus=1, host="127.0.0.1")
+        driver = _driver(c, "print('READY', rayx.get_runtime_context().get_node_id(), "
+                         "flush=True)\nsys.stdin.read()\n",
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert driver.stdout.readline().split() == ["READY", node.node_id]
+            assert job_of(driver.pid).state == "RUNNING"
+            assert job_of(driver.pid).node_id == node.node_id
+            c.kill_node(node)
+            failed = wait_for(lambda: (j := job_of(driver.pid)).state == "FAILED" and j, 20,
+                              what="the job of a driver whose node died to be marked FAILED")
+            assert "connected to died" in failed.message and failed.end_time > 0
+        finally:
+            driver.kill()
+            driver.wait(10)
+    finally:
+        c.shutdown()
