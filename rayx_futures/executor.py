@@ -37,7 +37,7 @@ import types
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import BrokenExecutor, Executor, Future
+from concurrent.futures import BrokenExecutor, Executor, Future, InvalidStateError
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any
@@ -446,9 +446,12 @@ class _Dispatcher:
                 with contextlib.suppress(Exception):
                     rayx.cancel(item.ref, force=True)
             fut = item.future
-            if fut.done() or not (fut.running() or fut.set_running_or_notify_cancel()):
+            try:
+                if fut.done() or not (fut.running() or fut.set_running_or_notify_cancel()):
+                    continue
+                fut.set_exception(_broken_error(message, cause))
+            except (RuntimeError, InvalidStateError):  # its result was delivered meanwhile
                 continue
-            fut.set_exception(_broken_error(message, cause))
 
 
 class _StoredFn:
