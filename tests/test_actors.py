@@ -299,6 +299,27 @@ def test_call_in_flight_is_retried_after_a_restart(rayx_cluster, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_lost_address_the_head_still_names_is_not_called_again(rayx_cluster, tmp_path):
+    """The caller's connection drops while the head still names the actor's address, whose
+    process still accepts (here: stopped, then killed). Calling it again there would spend the
+    one retry on a dying incarnation; the caller waits for the head to name the restarted one."""
+    marker = str(tmp_path / "started")
+    a = Sleeper.options(max_restarts=1, max_task_retries=1).remote()
+    pid = rayx.get(a.pid.remote(), timeout=30)
+    ref = a.slow.remote(marker)
+    wait_for(lambda: os.path.exists(marker), 20, what="the slow call to start")
+    os.kill(pid, signal.SIGSTOP)  # it still accepts connections, and answers nothing
+    try:
+        rayx.api.core().actors.actors[a._meta.actor_id].conn.close()  # the connection drops
+        time.sleep(0.5)  # the head still names the stopped worker meanwhile
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    outcome, new_pid = rayx.get(ref, timeout=60)
+    assert outcome == "retried" and new_pid != pid
+    rayx.kill(a)
+
+
+@pytest.mark.timeout(120)
 def test_call_in_flight_fails_without_task_retries(rayx_cluster, tmp_path):
     a = Sleeper.options(max_restarts=1, max_task_retries=0).remote()
     pid, ref = _kill_during_slow_call(a, str(tmp_path / "started"))
