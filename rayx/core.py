@@ -270,8 +270,10 @@ class CoreClient:
             if owner == borrower:
                 continue
             if owner == self.address:
-                self.table.add_borrower([oid], borrower)
+                drops = Drops()
+                self.table.add_borrower([oid], borrower, drops)
                 self._watch_soon(borrower)
+                self.apply(drops)
             else:
                 remote.append((oid, owner))
         if remote:
@@ -346,12 +348,15 @@ class CoreClient:
                              lambda desc: _send_quietly(conn, ("object", oid, desc)))
         elif kind == "add_borrower":
             _, req, oids, borrower = msg
-            self.table.add_borrower(oids, borrower)
+            drops = Drops()
+            self.table.add_borrower(oids, borrower, drops)
             self._watch_soon(borrower)
             _send_quietly(conn, ("borrowers_added", req))
+            self.apply(drops)
         elif kind == "remove_borrower":
             drops = Drops()
             self.table.remove_borrower(msg[1], msg[2], drops)
+            self._watch_soon(msg[2])  # a count left below zero goes with the borrower, too
             self.apply(drops)
 
     def get(self, refs: list[ObjectRef], timeout: float | None) -> list:

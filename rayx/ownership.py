@@ -158,8 +158,9 @@ class OwnershipTable:
                 ne.contained -= 1
                 self._maybe_drop(nid, ne, out)
 
-    def add_borrower(self, oids, borrower: str) -> list[str]:
-        """Count one registration of `borrower` on each owned object; returns the unknown ids."""
+    def add_borrower(self, oids, borrower: str, out: Drops) -> list[str]:
+        """Count one registration of `borrower` on each owned object; returns the unknown ids.
+        A registration that a release overtook brings the count back to zero: then it goes."""
         unknown = []
         with self.lock:
             for oid in oids:
@@ -169,7 +170,12 @@ class OwnershipTable:
                     continue
                 if e.borrowers is None:
                     e.borrowers = {}
-                e.borrowers[borrower] = e.borrowers.get(borrower, 0) + 1
+                count = e.borrowers.get(borrower, 0) + 1
+                if count:
+                    e.borrowers[borrower] = count
+                else:
+                    e.borrowers.pop(borrower, None)
+                    self._maybe_drop(oid, e, out)
         return unknown
 
     def remove_borrower(self, items, borrower: str, out: Drops) -> None:
@@ -178,8 +184,10 @@ class OwnershipTable:
         with self.lock:
             for oid, n in items:
                 e = self.entries.get(oid)
-                if e is None or not e.borrowers:
+                if e is None or not e.owned:
                     continue
+                if e.borrowers is None:
+                    e.borrowers = {}
                 left = e.borrowers.get(borrower, 0) - n
                 if left:
                     e.borrowers[borrower] = left

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import time
 
 import numpy as np
 
 import rayx
+from rayx.ownership import Drops, OwnershipTable
 
 from .conftest import wait_for
 
@@ -71,6 +73,26 @@ class Holder:
 class Maker:
     def make(self, scale):
         return [rayx.put(np.full(MB8, float(scale)))]
+
+    def pid(self):
+        return os.getpid()
+
+    def make_after(self, seconds, marker):
+        """Wait, then put an object and return a ref to it, noting its id in `marker`."""
+        time.sleep(seconds)
+        ref = rayx.put(np.full(MB8, 7.0))
+        with open(marker, "w") as f:
+            f.write(ref.id)
+        return [ref]
+
+
+@rayx.remote
+class Caller:
+    def start(self, maker, seconds, marker):
+        rayx.get(maker.pid.remote())  # connected: the next call leaves at once
+        self.pending = maker.make_after.remote(seconds, marker)  # the result comes back here
+        time.sleep(0.3)  # ... and is running when this returns
+        return os.getpid()
 
 
 @rayx.remote
@@ -185,3 +207,59 @@ def test_the_same_ref_borrowed_by_several_actors_at_once(rayx_cluster):
     _freed(oid)
     for h in holders:
         rayx.kill(h)
+
+
+def test_a_borrower_waiting_on_an_owner_that_dies_is_not_held_up(rayx_cluster):
+    """The holder unpickles a ref owned by a stopped actor: its registration is never
+    acknowledged. When the owner dies the wait ends at once, not after start_timeout (30 s)."""
+    maker, holder = Maker.remote(), Holder.remote()
+    inner = rayx.get(maker.make.remote(6))
+    pid = rayx.get(maker.pid.remote())
+    rayx.get(holder.drop.remote())  # the holder is up before the owner stops
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        held = holder.hold.remote(inner)
+        time.sleep(0.5)  # the holder now waits for the stopped owner's acknowledgement
+        assert not rayx.wait([held], timeout=0)[0]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert rayx.get(held, timeout=15) == 1
+    rayx.kill(holder)
+
+
+def test_an_object_returned_to_a_caller_that_died_is_freed(rayx_cluster, tmp_path):
+    """An actor returns a ref it owns to a caller that died meanwhile: the owner registers
+    the caller as borrower, cannot reach it, and frees the object instead of keeping it."""
+    marker = str(tmp_path / "object-id")
+    maker, caller = Maker.remote(), Caller.remote()
+    pid = rayx.get(caller.start.remote(maker, 1.0, marker))
+    os.kill(pid, signal.SIGKILL)
+    oid = wait_for(lambda: os.path.exists(marker) and open(marker).read(), 20,
+                   what="the task to put its object")
+    _freed(oid)
+    assert rayx.get(maker.pid.remote()) > 0  # the owner lives on: the free was not its exit
+    rayx.kill(maker)
+    rayx.kill(caller)
+
+
+def test_a_release_that_overtakes_its_registration_keeps_the_object():
+    """A borrower's release can reach the owner before a registration made for it by a third
+    process: the count goes below zero and the object stays until that registration lands."""
+    table = OwnershipTable("owner")
+    table.add_owned("o1", "owner", desc=("s", 0, "node", 100))
+    drops = Drops()
+    table.add_borrower(["o1"], "b1", drops)
+    table.remove_borrower([("o1", 2)], "b1", drops)
+    assert "o1" in table.entries and not drops.free
+    table.add_borrower(["o1"], "b1", drops)  # the late registration brings it back to zero
+    assert "o1" not in table.entries and drops.free == [("o1", ("s", 0, "node", 100))]
+
+
+def test_a_release_that_comes_before_any_registration_is_counted():
+    table = OwnershipTable("owner")
+    table.add_owned("o2", "owner", desc=("s", 0, "node", 100))
+    drops = Drops()
+    table.remove_borrower([("o2", 1)], "b1", drops)
+    assert "o2" in table.entries and not drops.free
+    table.add_borrower(["o2"], "b1", drops)
+    assert "o2" not in table.entries and [oid for oid, _ in drops.free] == ["o2"]
