@@ -89,7 +89,7 @@ WORKLOADS = [
                Case("threads", "threads_dask", ("dask", "numpy", "pandas")),
                Case("processes", "processes_dask", ("dask", "numpy", "pandas"))],
         full={"n": 10_000, "chunk": 1_000, "parts": 32, "rows": 250_000},
-        quick={"n": 4_000, "chunk": 1_000, "parts": 8, "rows": 100_000, "repeats": 2},
+        quick={"n": 2_000, "chunk": 500, "parts": 4, "rows": 50_000, "repeats": 2},
         notes="dask = a distributed LocalCluster; threads and processes are Dask's local "
               "schedulers.",
     ),

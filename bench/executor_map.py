@@ -80,7 +80,7 @@ WORKLOADS = [
                Case("loky", "loky_map", ("loky",)),
                Case("ppe", "ppe_map")],
         full={"items": 10_000, "chunksize": 250},
-        quick={"items": 500, "chunksize": 50, "repeats": 2},
+        quick={"items": 200, "chunksize": 20, "repeats": 2},
         notes="ray is ray.util.multiprocessing.Pool.map (Ray has no Executor); "
               "Dask's ClientExecutor ignores chunksize.",
     ),

@@ -138,7 +138,7 @@ WORKLOADS = [
                Case("dask", "dask_multinode", ("distributed", "numpy")),
                Case("tcp", "tcp_multinode")],
         full={"mib": 200, "big_mib": 954, "tasks": 5_000},  # 954 MiB = 1.0003 GB
-        quick={"mib": 100, "big_mib": 954, "tasks": 1_000, "repeats": 2},
+        quick={"mib": 50, "big_mib": 954, "tasks": 500, "repeats": 2},
         notes="GB = 1e9 bytes. tcp is one loopback TCP stream between two processes, the "
               "transfer limit here.",
     ),

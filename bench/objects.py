@@ -144,7 +144,7 @@ WORKLOADS = [
                Case("numpy", "numpy_objects", ("numpy",)),
                Case("shm", "shm_objects", ("numpy",))],
         full={"mb": 200, "tasks": 20},
-        quick={"mb": 50, "tasks": 10, "repeats": 2},
+        quick={"mb": 50, "tasks": 6, "repeats": 2},
         notes="loky is joblib.Parallel(backend='loky'), which memmaps large arrays; "
               "ppe pickles the array into each of the tasks. numpy is np.copyto into memory "
               "already touched (memcpy bandwidth); shm is a write() into a new /dev/shm file "

@@ -122,7 +122,7 @@ WORKLOADS = [
             Target("dask", "<", 1.0, "faster than Dask's backend")))],
         cases=_cases(threads=False),
         full={"what": "search", "samples": 2_000},
-        quick={"samples": 1_000, "repeats": 2},
+        quick={"samples": 500, "repeats": 2},
     ),
     Workload(
         name="random_forest",
@@ -130,7 +130,7 @@ WORKLOADS = [
         metrics=[Metric("time", "RandomForest fit, {trees} trees, {samples:,} samples", "s")],
         cases=_cases(threads=True),
         full={"what": "forest", "samples": 5_000, "trees": 200},
-        quick={"samples": 2_000, "trees": 100, "repeats": 2},
+        quick={"samples": 1_000, "trees": 40, "repeats": 2},
         notes="threads is scikit-learn's own default for forests (the threading backend).",
     ),
 ]
