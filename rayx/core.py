@@ -570,7 +570,7 @@ class CoreClient:
         so = serialization.serialize(error, error=True)
         self.finish_task(spec, [("e", so.to_bytes())] * len(spec.return_ids))
 
-    def cancel(self, ref: ObjectRef, force: bool) -> None:
+    def cancel(self, ref: ObjectRef, force: bool, interrupt: bool = True) -> None:
         entry = self.table.get(ref.id)
         if entry is None or not entry.owned or entry.lineage is None:
             raise ValueError(f"cancel() takes a reference returned by a task this process "
@@ -581,7 +581,7 @@ class CoreClient:
         if spec.actor_id:
             self.actors.cancel(spec, force)
         else:
-            self.submitter.cancel(spec, force)
+            self.submitter.cancel(spec, force, interrupt)
 
     # ------------------------------------------------------------------ lifecycle
 

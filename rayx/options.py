@@ -10,6 +10,7 @@ from rayx.scheduler import validate_resources
 TASK_OPTIONS = {
     "num_cpus", "num_gpus", "resources", "memory", "num_returns", "max_retries",
     "retry_exceptions", "scheduling_strategy", "name", "max_calls",
+    "_lease_group",  # (group id, n): at most n workers of the group's tasks at once (executors)
 }
 ACTOR_OPTIONS = {
     "num_cpus", "num_gpus", "resources", "memory", "name", "lifetime", "max_concurrency",
@@ -30,8 +31,9 @@ def check_options(options: dict, allowed: set[str], what: str) -> dict:
     """Reject unknown options and malformed values; return the options unchanged."""
     unknown = sorted(set(options) - allowed)
     if unknown:
+        public = sorted(o for o in allowed if not o.startswith("_"))
         raise InvalidOptionError(f"unknown option(s) {unknown} for {what}; valid options are "
-                                 f"{sorted(allowed)}")
+                                 f"{public}")
     for key in ("num_cpus", "num_gpus", "memory"):
         if key in options and options[key] is not None:
             validate_resources({_RES_NAME[key]: options[key]}, f"{key} of {what}")
@@ -48,6 +50,12 @@ def check_options(options: dict, allowed: set[str], what: str) -> dict:
     _check_int(options, "max_restarts", what, minimum=-1)
     _check_int(options, "max_task_retries", what, minimum=-1)
     _check_int(options, "max_concurrency", what, minimum=1)
+    group = options.get("_lease_group")
+    if group is not None and not (isinstance(group, tuple) and len(group) == 2
+                                  and isinstance(group[0], str) and isinstance(group[1], int)
+                                  and group[1] >= 1):
+        raise InvalidOptionError(f"_lease_group of {what} must be a (str, int >= 1) tuple, "
+                                 f"got {group!r}")
     if "lifetime" in options and options["lifetime"] not in (None, "detached", "non_detached"):
         raise InvalidOptionError(f"lifetime of {what} must be None, 'detached' or "
                                  f"'non_detached', got {options['lifetime']!r}")

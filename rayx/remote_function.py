@@ -52,7 +52,8 @@ class RemoteFunction:
             fn_bytes=self._fn_bytes, resources=resource_request(options, 1.0),
             max_retries=_retries(options.get("max_retries"), 3),
             retry_exceptions=_retry_exc(options.get("retry_exceptions")),
-            strategy=strategy, node_affinity=affinity, max_calls=options.get("max_calls") or 0)
+            strategy=strategy, node_affinity=affinity, max_calls=options.get("max_calls") or 0,
+            lease_group=options.get("_lease_group") or ())
         refs = core.submit(spec, deps, nested)
         return refs[0] if num_returns == 1 else refs
 

@@ -11,7 +11,9 @@
 
 While the node still grants leases, each worker gets one task at a time so work spreads; once
 the node is saturated (it answered RETRY) and tasks of this shape take under PIPELINE_BELOW,
-up to max_tasks_in_flight_per_worker are pipelined.
+up to max_tasks_in_flight_per_worker are pipelined. Tasks of a lease group (spec.lease_group,
+a RayxExecutor's max_workers) have a queue of their own, which holds at most that many leases
+and pipelines once it holds them all.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Lease:
     gpu_ids: list
     inflight: dict = field(default_factory=dict)
     idle_since: float = 0.0
+    last_done: float = 0.0  # when its worker last finished a task (monotonic)
 
 
 @dataclass(slots=True)
@@ -53,7 +56,11 @@ class ShapeQueue:
     retry_scheduled: bool = False
     saturated: bool = False
     backoff: float = 0.002
-    task_time: float | None = None  # moving average of push-to-done time, seconds
+    task_time: float | None = None  # moving average of a task's time on its worker, seconds
+    max_leases: int = 0  # 0: as many as the nodes grant
+
+    def at_lease_limit(self) -> bool:
+        return bool(self.max_leases) and len(self.leases) >= self.max_leases
 
 
 # Pipelining several tasks onto one worker pays only for short tasks; for long ones it would
@@ -69,8 +76,10 @@ def echo_output(text: str, err: bool) -> None:
 
 
 def shape_key(spec: TaskSpec, local_node: str = "") -> tuple:
-    return (tuple(sorted(spec.resources.items())), spec.strategy, spec.node_affinity,
-            _home_node(spec, local_node))
+    """A lease group's tasks share one queue (no home node), so its lease limit is one count."""
+    home = "" if spec.lease_group else _home_node(spec, local_node)
+    return (tuple(sorted(spec.resources.items())), spec.strategy, spec.node_affinity, home,
+            spec.lease_group)
 
 
 def _home_node(spec: TaskSpec, local_node: str) -> str:
@@ -104,8 +113,9 @@ class TaskSubmitter:
         with self.lock:
             sq = self.shapes.get(key)
             if sq is None:
-                sq = self.shapes[key] = ShapeQueue(spec.resources, spec.strategy,
-                                                   spec.node_affinity, key[3])
+                sq = self.shapes[key] = ShapeQueue(
+                    spec.resources, spec.strategy, spec.node_affinity, key[3],
+                    max_leases=spec.lease_group[1] if spec.lease_group else 0)
             if spec.task_id in self.cancelled:
                 self.cancelled.discard(spec.task_id)
                 cancelled = True
@@ -119,7 +129,8 @@ class TaskSubmitter:
     def _pump(self, key: tuple, sq: ShapeQueue) -> None:
         """Push queued tasks to leases with room; ask for a lease if work is left. Lock held."""
         cap = 1
-        if sq.saturated and sq.task_time is not None and sq.task_time < PIPELINE_BELOW:
+        full = sq.saturated or sq.at_lease_limit()
+        if full and sq.task_time is not None and sq.task_time < PIPELINE_BELOW:
             cap = self.core.settings.max_tasks_in_flight_per_worker
         while sq.queue and sq.leases:
             lease = min(sq.leases, key=lambda le: len(le.inflight))
@@ -133,7 +144,8 @@ class TaskSubmitter:
                 lease.conn.send(("task", spec))
             except ConnectionError:
                 break  # the close callback requeues what this lease held
-        if sq.queue and not sq.requesting and not sq.retry_scheduled and not self.closed:
+        if (sq.queue and not sq.requesting and not sq.retry_scheduled and not self.closed
+                and not sq.at_lease_limit()):
             self._request_lease(key, sq, sq.home or self.core.node_address)
         now = time.monotonic()
         for lease in sq.leases:
@@ -232,7 +244,10 @@ class TaskSubmitter:
             spec = lease.inflight.pop(msg[1], None)
         if spec is None:
             return
-        took = time.monotonic() - spec.sent_at
+        # from when the worker could start it (pushed, or its previous task done) to done:
+        # time spent queued behind pipelined tasks is not the task's own
+        now = time.monotonic()
+        took, lease.last_done = now - max(spec.sent_at, lease.last_done), now
         descs = msg[2]
         if descs[0][0] == "e" and self._retry_on_error(spec, descs[0]):
             self.submit(spec)
@@ -340,18 +355,21 @@ class TaskSubmitter:
         for spec in specs:
             self.core.fail_task(spec, error)
 
-    def cancel(self, spec: TaskSpec, force: bool) -> None:
-        """Drop a queued task, or ask its worker to interrupt it (force: kill the worker)."""
+    def cancel(self, spec: TaskSpec, force: bool, interrupt: bool = True) -> None:
+        """Drop a queued task, or ask its worker to interrupt it (force: kill the worker).
+        Without `interrupt`, a task its worker already runs is left to finish."""
         with self.lock:
             sq = self.shapes.get(shape_key(spec, self.core.node_address))
-            if sq is not None and spec in sq.queue:
-                sq.queue.remove(spec)
+            at = next((i for i, s in enumerate(sq.queue) if s is spec), None) if sq else None
+            if at is not None:
+                del sq.queue[at]
                 queued = True
             else:
                 queued = False
-                self.cancelled.add(spec.task_id)
                 holder = next((le for s in self.shapes.values() for le in s.leases
                                if spec.task_id in le.inflight), None)
+                if interrupt or holder is None:  # else the worker's answer settles it
+                    self.cancelled.add(spec.task_id)
         if queued:
             self.core.fail_task(spec, TaskCancelledError(f"task {spec.name} was cancelled"))
             return
@@ -362,7 +380,7 @@ class TaskSubmitter:
                 pb.KillWorkerRequest(worker_id=holder.worker_id))
         else:
             try:
-                holder.conn.send(("cancel", spec.task_id))
+                holder.conn.send(("cancel", spec.task_id, interrupt))
             except ConnectionError:
                 pass
 

@@ -36,6 +36,7 @@ class TaskSpec:
     node_affinity: str = ""
     attempt: int = 0
     max_calls: int = 0  # the worker retires after running this function that many times
+    lease_group: tuple = ()  # (group id, n): the submitter holds at most n leases for them
     sent_at: float = 0.0  # when the owner pushed it (monotonic), to learn task durations
 
 

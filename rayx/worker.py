@@ -77,8 +77,8 @@ class Worker:
             self.tasks.put((conn, msg[1]))
         elif kind == "actor_call":
             self._on_actor_call(conn, msg[1])
-        elif kind == "cancel":
-            self._cancel(msg[1])
+        elif kind == "cancel":  # ("cancel", task_id[, interrupt: stop it if it already runs])
+            self._cancel(msg[1], msg[2] if len(msg) > 2 else True)
         else:
             self.core.handle_request(conn, msg)
 
@@ -96,10 +96,13 @@ class Worker:
         else:
             self.tasks.put((conn, spec))
 
-    def _cancel(self, task_id: str) -> None:
-        self.cancelled.add(task_id)
+    def _cancel(self, task_id: str, interrupt: bool = True) -> None:
         cur = self.current
-        if cur is not None and cur.task_id == task_id and self.in_user_code:
+        running = cur is not None and cur.task_id == task_id
+        if running and not interrupt:
+            return
+        self.cancelled.add(task_id)
+        if running and self.in_user_code:
             # to the main thread itself: a process-wide signal taken by another thread would
             # not interrupt a task blocked in a call like time.sleep
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)

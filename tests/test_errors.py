@@ -193,6 +193,8 @@ def test_unpicklable_function_fails_at_call_site(rayx_cluster):
     ({"num_returns": 0}, ">= 1"),
     ({"max_retries": "3"}, "must be an int"),
     ({"scheduling_strategy": "FAST"}, "scheduling_strategy"),
+    ({"_lease_group": ("g", 0)}, "_lease_group"),
+    ({"_lease_group": "g"}, "(str, int >= 1)"),
 ])
 def test_bad_options_raise_clear_errors(rayx_cluster, options, fragment):
     with pytest.raises(InvalidOptionError) as info:
@@ -200,6 +202,12 @@ def test_bad_options_raise_clear_errors(rayx_cluster, options, fragment):
     assert fragment in str(info.value)
     with pytest.raises(InvalidOptionError):
         rayx.remote(**options)(lambda: None)
+
+
+def test_unknown_option_lists_only_public_options(rayx_cluster):
+    with pytest.raises(InvalidOptionError) as info:
+        sleep.options(num_cpu=1)
+    assert "num_cpus" in str(info.value) and "_lease_group" not in str(info.value)
 
 
 def test_bad_calls_to_the_api(rayx_cluster):
