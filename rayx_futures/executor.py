@@ -7,7 +7,10 @@
         else -> events --> dispatcher thread: set_result / set_exception (user callbacks run
                 here), then send what is ready
     sending: while fewer than `window` calls are in flight, pop pending -> RUNNING -> send
-    (window = max_workers, or one more when the cluster alone caps the calls below it)
+    (window = max_workers, or one more when the cluster alone caps the calls below it; for a
+     map()'s calls, max_workers times the tasks a worker may have queued, see map_window)
+    every task of the executor is in one lease group of max_workers: rayx itself never runs
+    more than max_workers of them at once, however many are in flight
 
 User callbacks and task errors run on the dispatcher thread only, never on rayx's own threads;
 a plain result skips that thread switch, which on a small machine costs as much as the call.
@@ -37,7 +40,7 @@ import types
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import BrokenExecutor, Executor, Future, InvalidStateError
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any
@@ -148,11 +151,14 @@ class RayxFuture(Future):
 
 
 class _WorkItem:
-    __slots__ = ("future", "fn", "args", "kwargs", "ref")
+    __slots__ = ("future", "fn", "args", "kwargs", "ref", "of_map", "dropped")
 
-    def __init__(self, future: RayxFuture, fn: Callable, args: tuple, kwargs: dict):
+    def __init__(self, future: RayxFuture, fn: Callable, args: tuple, kwargs: dict,
+                 of_map: bool = False):
         self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
         self.ref: rayx.ObjectRef | None = None
+        self.of_map = of_map  # a map()'s call: its future is map's own, never the user's
+        self.dropped = False  # its task was cancelled before it started (cancel_unstarted)
 
 
 _global_shutdown = False
@@ -186,7 +192,10 @@ class _Dispatcher:
 
     def __init__(self, max_workers: int, options: dict, spec: _CallSpec, owns_cluster: bool):
         self.max_workers = max_workers
-        self.window = max_workers  # calls in flight at most; see _refresh_window
+        self.window = max_workers  # calls in flight at most; see refresh_window
+        # map()'s calls: enough that each worker finds its next short call queued with it
+        # (the submitter pipelines short tasks), so none waits a round trip through this driver
+        self.map_window = max_workers * api.core().settings.max_tasks_in_flight_per_worker
         self._window_checked = 0.0
         self.options = options
         self.spec = spec
@@ -210,7 +219,7 @@ class _Dispatcher:
     def submit(self, item: _WorkItem) -> None:
         """Send the call now if a slot is free and none waits before it, else queue it."""
         with self.lock:
-            free = len(self.running) < self.window
+            free = len(self.running) < (self.map_window if item.of_map else self.window)
             direct = free and not self.pending
             if direct:
                 item.future.set_running_or_notify_cancel()
@@ -247,6 +256,20 @@ class _Dispatcher:
     def inflight(self) -> list[_WorkItem]:
         with self.lock:
             return list(self.running.values())
+
+    def cancel_unstarted(self, futures) -> None:
+        """Cancel the tasks of map calls among `futures` that are in flight but that no
+        worker has started yet (map sends calls ahead); started ones run to their end."""
+        wanted = {id(f) for f in futures if not f.done()}
+        if not wanted:
+            return
+        with self.lock:
+            items = [it for it in self.running.values()
+                     if it.of_map and id(it.future) in wanted and it.ref is not None]
+        for item in items:
+            item.dropped = True
+            with contextlib.suppress(Exception):
+                api.core().cancel(item.ref, force=False, interrupt=False)
 
     def cancel_inflight(self, force: bool) -> None:
         """Cancel the tasks of the calls in flight; their futures then fail."""
@@ -314,7 +337,10 @@ class _Dispatcher:
             self.refresh_window()
         while True:
             with self.lock:
-                if self.broken or not self.pending or len(self.running) >= self.window:
+                if self.broken or not self.pending:
+                    return
+                window = self.map_window if self.pending[0].of_map else self.window
+                if len(self.running) >= window:
                     return
                 item = self.pending.popleft()
                 if not item.future.set_running_or_notify_cancel():
@@ -407,6 +433,8 @@ class _Dispatcher:
         value, exc = outcome
         if exc is None:
             item.future.set_result(value)
+        elif item.dropped and isinstance(exc, TaskCancelledError):
+            item.future.set_exception(CancelledError())  # as result() of a cancelled future
         else:
             item.future.set_exception(self._translate(exc))
 
@@ -575,6 +603,7 @@ class RayxExecutor(Executor):
         if max_tasks_per_child is not None:
             options["max_calls"] = max_tasks_per_child
         _check_options(options)
+        token = uuid.uuid4().hex
         owns_cluster = not rayx.is_initialized()
         if owns_cluster:
             rayx.init(address=address)
@@ -590,8 +619,9 @@ class RayxExecutor(Executor):
         self._max_tasks_per_child = max_tasks_per_child
         self._shutdown_lock = threading.Lock()
         self._shutdown_thread = False
-        self._dispatcher = _Dispatcher(max_workers, options,
-                                       _CallSpec(uuid.uuid4().hex, init), owns_cluster)
+        options["_lease_group"] = (token, max_workers)  # rayx runs max_workers at most
+        self._dispatcher = _Dispatcher(max_workers, options, _CallSpec(token, init),
+                                       owns_cluster)
         self._dispatcher.refresh_window()
         _register_atexit()
         self._dispatcher.start()
@@ -606,6 +636,9 @@ class RayxExecutor(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> RayxFuture:
         """Schedule fn(*args, **kwargs) as a rayx task; returns its future at once."""
+        return self._submit(fn, args, kwargs, of_map=False)
+
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, of_map: bool) -> RayxFuture:
         with self._shutdown_lock:
             if self._dispatcher.broken:
                 raise BrokenRayxExecutor(self._dispatcher.broken)
@@ -614,7 +647,7 @@ class RayxExecutor(Executor):
             if _global_shutdown:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             future = RayxFuture()
-            self._dispatcher.submit(_WorkItem(future, fn, args, kwargs))
+            self._dispatcher.submit(_WorkItem(future, fn, args, kwargs, of_map))
             return future
 
     def map(
@@ -644,6 +677,8 @@ class RayxExecutor(Executor):
             if cancel_futures:
                 for item in self._dispatcher.take_pending():
                     item.future.cancel()
+                self._dispatcher.cancel_unstarted(
+                    [it.future for it in self._dispatcher.inflight() if it.future is not None])
             self._dispatcher.release()
         if wait:
             self._dispatcher.join()
@@ -733,11 +768,14 @@ def _map(executor: RayxExecutor, fn: Callable, args_iter: Iterator[tuple],
     if buffersize is not None and buffersize < 1:
         raise ValueError("buffersize must be None or > 0")
     end_time = None if timeout is None else timeout + time.monotonic()
+    def submit(ex: RayxExecutor, args: tuple) -> RayxFuture:
+        return ex._submit(fn, args, {}, of_map=True)
+
     if buffersize:
-        fs = collections.deque(executor.submit(fn, *args)
+        fs = collections.deque(submit(executor, args)
                                for args in itertools.islice(args_iter, buffersize))
     else:
-        fs = collections.deque(executor.submit(fn, *args) for args in args_iter)
+        fs = collections.deque(submit(executor, args) for args in args_iter)
     executor_ref = weakref.ref(executor)
 
     def result_iterator() -> Iterator[Any]:
@@ -745,7 +783,7 @@ def _map(executor: RayxExecutor, fn: Callable, args_iter: Iterator[tuple],
             fs.reverse()
             while fs:
                 if buffersize and (ex := executor_ref()) and (args := next(args_iter, None)):
-                    fs.appendleft(ex.submit(fn, *args))
+                    fs.appendleft(submit(ex, args))
                 if end_time is None:
                     yield _result_or_cancel(fs.pop())
                 else:
@@ -753,6 +791,8 @@ def _map(executor: RayxExecutor, fn: Callable, args_iter: Iterator[tuple],
         finally:
             for future in fs:
                 future.cancel()
+            if fs and (ex := executor_ref()) is not None:
+                ex._dispatcher.cancel_unstarted(fs)  # the calls map sent ahead
 
     return result_iterator()
 

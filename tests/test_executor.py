@@ -172,6 +172,7 @@ def test_map_exception_reaches_the_right_item(executor):
 def test_map_timeout_raises_and_cancels_the_rest(rayx_cluster, tmp_path):
     paths = [str(tmp_path / f"f{i}") for i in range(4)]
     with RayxExecutor(max_workers=1) as ex:
+        ex.submit(int).result()  # a worker is up: the 1 s below is not spent starting one
         it = ex.map(touch_then_sleep, paths, [0, 2, 2, 2], timeout=1)
         assert next(it) is None
         with pytest.raises(TimeoutError):
@@ -187,6 +188,22 @@ def test_closing_map_early_cancels_the_rest(rayx_cluster, tmp_path):
         it.close()
     started = [p for p in paths if os.path.exists(p)]
     assert len(started) <= 2, started  # the one yielded and at most the one already running
+
+
+def test_shutdown_cancel_futures_drops_the_calls_map_sent_ahead(rayx_cluster, tmp_path):
+    """map sends calls ahead of the one running; cancel_futures drops those that no worker
+    started, lets the running one finish, and map then raises CancelledError for the rest."""
+    paths = [str(tmp_path / f"f{i}") for i in range(5)]
+    ex = RayxExecutor(max_workers=1)
+    it = ex.map(touch_then_sleep, paths, [0.5] * 5)
+    assert next(it) is None
+    wait_for(lambda: os.path.exists(paths[1]), 10, what="the second call to start")
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert open(paths[1]).read() == "finished"  # the running call was left to finish
+    assert not any(os.path.exists(p) for p in paths[2:])
+    assert next(it) is None
+    with pytest.raises(cf.CancelledError):
+        next(it)
 
 
 def test_map_buffersize_is_lazy(executor):
