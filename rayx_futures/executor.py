@@ -768,6 +768,7 @@ def _map(executor: RayxExecutor, fn: Callable, args_iter: Iterator[tuple],
     if buffersize is not None and buffersize < 1:
         raise ValueError("buffersize must be None or > 0")
     end_time = None if timeout is None else timeout + time.monotonic()
+
     def submit(ex: RayxExecutor, args: tuple) -> RayxFuture:
         return ex._submit(fn, args, {}, of_map=True)
 
