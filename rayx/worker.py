@@ -161,6 +161,8 @@ class Worker:
             args, kwargs = self._resolve(spec)
             self.in_user_code = not threaded
             try:
+                if spec.task_id in self.cancelled:  # came while its arguments were loaded
+                    raise TaskCancelledError(f"task {spec.name} was cancelled")
                 result = fn(*args, **kwargs)
             finally:
                 self.in_user_code = False

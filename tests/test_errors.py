@@ -143,6 +143,33 @@ def test_cancel_running_and_queued_tasks(rayx_cluster):
     assert rayx.get(sleep.remote(0)) == "slept"  # the workers are fine afterwards
 
 
+def test_cancel_while_its_arguments_load_stops_the_task(rayx_cluster, tmp_path):
+    marker = tmp_path / "loading"
+
+    def slow_load(path):
+        open(path, "w").close()
+        time.sleep(1.0)
+        return path
+
+    class SlowArg:
+        def __reduce__(self):
+            return slow_load, (str(marker),)
+
+    @rayx.remote
+    def long_task(arg):
+        time.sleep(30)
+        return arg
+
+    # the cancel reaches the worker after it took the task, before the function is called
+    ref = long_task.remote(SlowArg())
+    wait_for(marker.exists, 20, what="the worker to load the argument")
+    t0 = time.monotonic()
+    rayx.cancel(ref)
+    with pytest.raises(TaskCancelledError):
+        rayx.get(ref, timeout=20)
+    assert time.monotonic() - t0 < 10
+
+
 def test_force_cancel_kills_the_worker(rayx_cluster):
     @rayx.remote
     def stubborn():
