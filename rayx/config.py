@@ -42,6 +42,9 @@ class Settings:
     # within map_cache_sweep seconds. 0 turns the cache off.
     map_cache_bytes: int = 4 * 1024 * 1024 * 1024
     map_cache_sweep: float = 1.0
+    # seconds the store keeps a freed object's file (1 MiB or more) for the next put of about
+    # its size, which then skips allocating fresh pages; 0 unlinks freed files at once
+    free_file_keep: float = 10.0
     # TLS for every gRPC call: PEM files (certificate and key of this process, CA to trust)
     tls_cert: str = ""
     tls_key: str = ""

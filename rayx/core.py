@@ -29,9 +29,9 @@ from rayx.exceptions import (
     TaskCancelledError,
 )
 from rayx.object_ref import ObjectRef
-from rayx.object_store import MapCache, write_object
 from rayx.ownership import Drops, OwnershipTable
 from rayx.protocol import rayx_pb2 as pb
+from rayx.store_files import KeptMappings, MapCache, write_object
 from rayx.submitter import TaskSubmitter
 from rayx.task_spec import TaskSpec
 from rayx.timers import Timers
@@ -66,6 +66,7 @@ class CoreClient:
         self.table = OwnershipTable()
         self.timers = Timers().start()
         self.maps = MapCache(settings.map_cache_bytes, settings.map_cache_sweep, self.timers)
+        self.kept = KeptMappings(settings.map_cache_sweep, self.timers)
         self._released: deque[str] = deque()  # refs dropped in __del__, released by the timers
         self._release_scheduled = False
         self._owned_listener = listener is None
@@ -116,7 +117,7 @@ class CoreClient:
         if not reply.ok:
             from rayx.exceptions import ObjectStoreFullError
             raise ObjectStoreFullError(reply.error)
-        write_object(reply.path, so)
+        write_object(reply.path, so, reply.reuse, self.kept)
         self.node.SealObject(pb.SealRequest(object_id=oid, size=so.size, owner_id=owner_id))
         return ("s", self.node_id, self.node_address, so.size)
 
@@ -152,6 +153,7 @@ class CoreClient:
         for oid, desc in items:
             if desc[0] == "s":
                 by_node.setdefault(desc[2], []).append(oid)
+        self.maps.forget(oid for oids in by_node.values() for oid in oids)
         for address, oids in by_node.items():
             try:
                 rpc.call_async(self.node_stub(address).FreeObjects,
@@ -594,6 +596,7 @@ class CoreClient:
         self.actors.close()
         self.timers.stop()
         self.maps.clear()
+        self.kept.clear()
         with self._lock:
             conns = list(self._owner_conns.values())
         for c in conns:

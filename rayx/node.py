@@ -270,10 +270,10 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
 
     def ReserveObject(self, request, context):
         try:
-            path = self.store.reserve(request.object_id, request.size)
+            path, reuse = self.store.reserve(request.object_id, request.size, reuse=True)
         except ObjectStoreFullError as exc:
             return pb.ReserveReply(ok=False, error=str(exc))
-        return pb.ReserveReply(ok=True, path=path)
+        return pb.ReserveReply(ok=True, path=path, reuse=reuse)
 
     def SealObject(self, request, context):
         self.store.seal(request.object_id, request.size, request.owner_id)
@@ -320,7 +320,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
             return pb.RestoreReply(ok=False, error=f"the node at {from_address} is gone")
         try:
             path, size = pull(from_address.rsplit(":", 1)[0], node.transfer_port, self.token,
-                              oid, self.address, lambda size: self.store.reserve(oid, size))
+                              oid, self.address, lambda size: self.store.reserve(oid, size)[0])
         except (ObjectLostError, ObjectStoreFullError, OSError) as exc:
             self.store.free([oid])
             return pb.RestoreReply(ok=False, error=f"pulling from {from_address}: {exc}")
@@ -379,7 +379,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
 
     def _watch_loop(self) -> None:
         """Heartbeats to the head; drivers' liveness; the local cluster's driver; SIGKILL for
-        what ended workers started and left behind."""
+        what ended workers started and left behind; free store files left unused."""
         last_beat = 0.0
         while not self.stopped.wait(0.1):
             if self.driver_pid and not psutil.pid_exists(self.driver_pid):
@@ -393,6 +393,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
             for c in gone:
                 self._owner_gone(c)
             self.workers.reap_groups()
+            self.store.trim_free_files()
             if time.monotonic() - last_beat >= self.settings.heartbeat_interval:
                 last_beat = time.monotonic()
                 info = self._info()

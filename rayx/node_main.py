@@ -41,7 +41,7 @@ def run(config: dict) -> None:
     store = ObjectStore(
         store_dir=os.path.join(settings.shm_dir, f"rayx-{config['session_name']}-{node_id[:12]}"),
         spill_dir=os.path.join(session_dir, f"spill-{node_id[:12]}"),
-        capacity=int(config["object_store_memory"]))
+        capacity=int(config["object_store_memory"]), free_file_keep=settings.free_file_keep)
     try:
         node = NodeManager(node_id=node_id, address=address, head_address=head_address,
                            token=token, session_dir=session_dir, resources=config["resources"],

@@ -3,23 +3,33 @@
     writer --ReserveObject--> store makes room (spills the oldest sealed objects to disk)
     writer --writes the file under store_dir--> --SealObject--> store records size and owner
     reader --maps store_dir/<id>; if it is missing--> --RestoreObject--> store copies it back
-    owner  --FreeObjects--> store unlinks (readers keep their mappings: POSIX unlink semantics)
+    owner  --FreeObjects--> store unlinks, or keeps a large file as a free file for a writer
+    writer --ReserveObject--> may be handed a free file: it rewrites it, then renames it
 
 Each object is one file in a per-node directory on /dev/shm, immutable once sealed. The store
-process never maps objects itself; writers and readers do (see write_object / map_object).
+process never maps objects itself; writers and readers do (rayx/store_files.py).
+
+Free files spare a put the cost of fresh pages (allocated and zeroed by the kernel, page by
+page): a writer that reuses one, through a mapping it kept from writing it before, writes at
+memory-copy speed. Readers hold a shared flock on every object they map, for as long as the
+mapping lives; a writer rewrites a free file only under an exclusive flock taken without
+waiting, and unlinks it instead when a reader still maps it (that reader keeps its pages, as
+after an unlink). Free files count as used memory; they go first when room is needed and
+after free_file_keep seconds unused.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import shutil
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from rayx.exceptions import ObjectLostError, ObjectStoreFullError
-from rayx.serialization import SerializedObject
+
+FREE_FILE_MIN = 1024 * 1024  # smaller objects are unlinked at once: fresh small files are cheap
 
 
 @dataclass(slots=True)
@@ -33,31 +43,81 @@ class StoredObject:
 class ObjectStore:
     """Bookkeeping of one node's objects. Thread-safe; all methods are short."""
 
-    def __init__(self, store_dir: str, spill_dir: str, capacity: int):
+    def __init__(self, store_dir: str, spill_dir: str, capacity: int,
+                 free_file_keep: float = 10.0):
         self.store_dir, self.spill_dir, self.capacity = store_dir, spill_dir, capacity
+        self.free_file_keep = free_file_keep  # seconds a free file waits for a writer
         os.makedirs(store_dir, mode=0o700, exist_ok=True)
         os.makedirs(spill_dir, mode=0o700, exist_ok=True)
         self.objects: OrderedDict[str, StoredObject] = OrderedDict()  # oldest first, for spilling
-        self.used = 0  # bytes in shared memory, reservations included
+        self.used = 0  # bytes in shared memory, reservations and free files included
         self.spilled_bytes = 0
+        self.free_files: OrderedDict[str, tuple[int, float]] = OrderedDict()  # path ->
+        self.free_bytes = 0  # (size, when freed), oldest first; free_bytes: their sizes
+        self.free_limit = capacity // 4 if free_file_keep > 0 else 0
+        self._free_seq = 0
         self._lock = threading.Lock()
 
     def path(self, object_id: str) -> str:
         return os.path.join(self.store_dir, object_id)
 
-    def reserve(self, object_id: str, size: int, owner_id: str = "") -> str:
-        """Make room for `size` bytes and return the path to write the object to."""
+    def reserve(self, object_id: str, size: int, owner_id: str = "",
+                reuse: bool = False) -> tuple[str, str]:
+        """Make room for `size` bytes. Returns the path to write the object to and, with
+        `reuse`, a free file of about that size to write it into first ("" if none)."""
         if size > self.capacity:
             raise ObjectStoreFullError(
                 f"object of {size} bytes is larger than the whole object store "
                 f"({self.capacity} bytes); raise object_store_memory in rayx.init()")
         with self._lock:
             if object_id in self.objects:
-                return self.path(object_id)
+                return self.path(object_id), ""
+            free_file = self._take_free_file(size) if reuse else ""
             self._make_room(size)
             self.objects[object_id] = StoredObject(size, owner_id)
             self.used += size
-        return self.path(object_id)
+        return self.path(object_id), free_file
+
+    def _take_free_file(self, size: int) -> str:
+        """The free file closest to `size` (half to twice it), no longer counted. Lock held."""
+        best, best_size = "", 0
+        for path, (fsize, _) in self.free_files.items():
+            if size // 2 <= fsize <= size * 2 and (
+                    not best or abs(fsize - size) < abs(best_size - size)):
+                best, best_size = path, fsize
+        if best:
+            del self.free_files[best]
+            self.free_bytes -= best_size
+            self.used -= best_size
+        return best
+
+    def _keep_free_file(self, object_id: str, size: int) -> bool:
+        """Rename a freed object's file into a free file, if it is worth keeping. Lock held."""
+        if size < FREE_FILE_MIN or self.free_bytes + size > self.free_limit:
+            return False
+        self._free_seq += 1
+        path = os.path.join(self.store_dir, f"free-{self._free_seq}")
+        try:
+            os.rename(self.path(object_id), path)
+        except FileNotFoundError:
+            return False
+        self.free_files[path] = (size, time.monotonic())
+        self.free_bytes += size
+        return True
+
+    def _drop_free_file(self) -> None:
+        """Unlink the oldest free file. Lock held."""
+        path, (size, _) = self.free_files.popitem(last=False)
+        _unlink(path)
+        self.free_bytes -= size
+        self.used -= size
+
+    def trim_free_files(self) -> None:
+        """Give back the memory of free files no writer took for free_file_keep seconds."""
+        deadline = time.monotonic() - self.free_file_keep
+        with self._lock:
+            while self.free_files and next(iter(self.free_files.values()))[1] < deadline:
+                self._drop_free_file()
 
     def seal(self, object_id: str, size: int, owner_id: str) -> None:
         with self._lock:
@@ -69,7 +129,10 @@ class ObjectStore:
             obj.sealed, obj.owner_id = True, owner_id
 
     def _make_room(self, size: int) -> None:
-        """Spill sealed objects, oldest first, until `size` more bytes fit. Lock held."""
+        """Drop free files, then spill sealed objects, oldest first, until `size` more bytes
+        fit. Lock held."""
+        while self.free_files and self.used + size > self.capacity:
+            self._drop_free_file()
         for oid, obj in list(self.objects.items()):
             if self.used + size <= self.capacity:
                 return
@@ -121,7 +184,7 @@ class ObjectStore:
                 if obj.spilled:
                     self.spilled_bytes -= obj.size
                     _unlink(os.path.join(self.spill_dir, oid))
-                else:
+                elif not (obj.sealed and self._keep_free_file(oid, obj.size)):
                     self.used -= obj.size
                     _unlink(self.path(oid))
 
@@ -136,7 +199,8 @@ class ObjectStore:
         """Remove every object, in memory and on disk."""
         with self._lock:
             self.objects.clear()
-            self.used = self.spilled_bytes = 0
+            self.free_files.clear()
+            self.used = self.spilled_bytes = self.free_bytes = 0
         shutil.rmtree(self.store_dir, ignore_errors=True)
         shutil.rmtree(self.spill_dir, ignore_errors=True)
 
@@ -146,107 +210,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def write_object(path: str, obj: SerializedObject) -> None:
-    """Write a serialized object to a store file: the single copy of a large put."""
-    fd = os.open(path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    try:
-        os.ftruncate(fd, obj.size)
-        n = len(obj.header)
-        os.pwrite(fd, obj.header, 0)
-        os.pwrite(fd, obj.main, n)
-        for off, buf in zip(obj.offsets, obj.buffers):
-            view = buf.cast("B")
-            done = 0
-            while done < view.nbytes:
-                done += os.pwrite(fd, view[done:], off + done)
-    finally:
-        os.close(fd)
-    os.rename(path + ".tmp", path)  # readers never see a half-written object
-
-
-class MapCache:
-    """Mappings of store objects this process read, kept for the next read of the same
-    object: a broadcast argument read by many tasks on one worker maps (and page-faults) once.
-
-    Objects are immutable, so a kept mapping is always right while its file exists. Each hit
-    checks that the file is still the one mapped (a freed or spilled object's file is gone; a
-    restored one is a new file, whose memory the old mapping must not keep), and a sweep on the
-    timer thread drops the mappings of gone files every `sweep` seconds, so a freed or spilled
-    object's memory is held at most that much longer. Least recently used entries go first
-    when the cache holds more than `capacity` bytes.
-    """
-
-    def __init__(self, capacity: int, sweep: float, timers):
-        self.capacity, self.sweep, self.timers = capacity, sweep, timers
-        self._entries: OrderedDict[str, tuple[str, int, memoryview]] = OrderedDict()
-        self._bytes = 0
-        self._sweeping = False
-        self._lock = threading.Lock()
-
-    def get(self, object_id: str) -> memoryview | None:
-        with self._lock:
-            entry = self._entries.get(object_id)
-            if entry is None:
-                return None
-            if not _same_file(entry[0], entry[1]):
-                self._drop(object_id)
-                return None
-            self._entries.move_to_end(object_id)
-            return entry[2]
-
-    def map(self, object_id: str, path: str) -> memoryview:
-        """Map the object's file (FileNotFoundError if it is not there) and keep the mapping."""
-        view, inode = map_object(path)
-        if view.nbytes > self.capacity:
-            return view
-        with self._lock:
-            if object_id in self._entries:
-                self._drop(object_id)
-            self._entries[object_id] = (path, inode, view)
-            self._bytes += view.nbytes
-            while self._bytes > self.capacity:
-                self._drop(next(iter(self._entries)))
-            if not self._sweeping:
-                self._sweeping = True
-                self.timers.call_later(self.sweep, self._sweep)
-        return view
-
-    def _drop(self, object_id: str) -> None:
-        """Lock held. The mapping itself goes when the last value made from it goes."""
-        view = self._entries.pop(object_id)[2]
-        self._bytes -= view.nbytes
-
-    def _sweep(self) -> None:
-        with self._lock:
-            for oid in [o for o, (path, inode, _) in self._entries.items()
-                        if not _same_file(path, inode)]:
-                self._drop(oid)
-            self._sweeping = bool(self._entries)
-            if self._sweeping:
-                self.timers.call_later(self.sweep, self._sweep)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-
-def _same_file(path: str, inode: int) -> bool:
-    try:
-        return os.stat(path).st_ino == inode
-    except FileNotFoundError:
-        return False
-
-
-def map_object(path: str) -> tuple[memoryview, int]:
-    """Map a sealed object read-only; the view keeps the mapping alive, even after a free.
-    Returns the view and the inode of the file mapped."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        st = os.fstat(fd)
-        mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
-    finally:
-        os.close(fd)
-    return memoryview(mm), st.st_ino

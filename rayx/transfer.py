@@ -23,6 +23,7 @@ import threading
 
 from rayx import wire
 from rayx.exceptions import ObjectLostError
+from rayx.store_files import open_shared
 
 log = logging.getLogger(__name__)
 _SIZE = struct.Struct("<Q")
@@ -77,7 +78,7 @@ class TransferServer:
                     return
                 try:
                     path = self.locate(line[1], line[2])
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = open_shared(path)  # not rewritten as a free file while we send it
                 except (ObjectLostError, OSError):
                     conn.sendall(_SIZE.pack(_MISSING))
                     return

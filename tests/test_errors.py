@@ -273,7 +273,8 @@ def test_object_put_by_an_exited_worker_raises_owner_died(rayx_cluster, size):
 def _footprint() -> tuple[set[str], set[str]]:
     """What a failed call must not leave behind: store files and ownership entries."""
     gc.collect()  # refs made for the call's arguments die with the call
-    store = {f for f in os.listdir(rayx.nodes()[0]["StoreDir"]) if not f.endswith(".tmp")}
+    store = {f for f in os.listdir(rayx.nodes()[0]["StoreDir"])
+             if not f.endswith(".tmp") and not f.startswith("free-")}  # objects only
     return store, set(rayx.api.core().table.entries)
 
 

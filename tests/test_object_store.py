@@ -15,8 +15,29 @@ from .conftest import wait_for
 
 
 def _store_files(info) -> list[str]:
+    """The objects' files in the store (not half-written ones, not free files)."""
     store_dir = rayx.nodes()[0]["StoreDir"]
-    return [f for f in os.listdir(store_dir) if not f.endswith(".tmp")]
+    return [f for f in os.listdir(store_dir)
+            if not f.endswith(".tmp") and not f.startswith("free-")]
+
+
+def _free_files() -> list[str]:
+    return [f for f in os.listdir(rayx.nodes()[0]["StoreDir"]) if f.startswith("free-")]
+
+
+def _inode(oid: str) -> int:
+    return os.stat(os.path.join(rayx.nodes()[0]["StoreDir"], oid)).st_ino
+
+
+def _freed(box: list) -> tuple[str, int]:
+    """Drop the only reference to a stored object (`box` holds it, and is emptied); returns
+    its id and its file's inode once it is freed."""
+    ref = box.pop()
+    oid, inode = ref.id, _inode(ref.id)
+    del ref
+    gc.collect()
+    wait_for(lambda: oid not in _store_files(None), 10, what="the object to be freed")
+    return oid, inode
 
 
 def test_small_values_travel_inline(rayx_cluster):
@@ -135,3 +156,73 @@ def test_tasks_on_one_worker_map_a_broadcast_argument_once(rayx_cluster):
     second = rayx.get(reader.read.remote(ref))
     assert first == second  # the same sum, read from the same (kept) mapping
     rayx.kill(reader)
+
+
+# Sizes below differ from test to test: a put takes the free file closest to its size.
+
+def test_the_next_put_of_a_size_rewrites_a_freed_file_of_that_size(rayx_cluster):
+    box = [rayx.put(np.full(1_100_001, 1.0))]
+    assert rayx.get(box[0])[0] == 1.0  # read once, and let go: no mapping holds the file
+    _, inode = _freed(box)
+    wait_for(lambda: any(os.stat(os.path.join(rayx.nodes()[0]["StoreDir"], f)).st_ino == inode
+                         for f in _free_files()), 10, what="the freed file to be kept")
+    for value in (2.0, 3.0):  # the second time through the mapping the writer kept
+        box = [rayx.put(np.full(1_100_001, value))]
+        assert _inode(box[0].id) == inode
+        got = rayx.get(box[0])
+        assert got.min() == got.max() == value
+        del got
+        _, inode = _freed(box)
+
+
+def test_a_freed_file_this_process_still_maps_is_never_rewritten(rayx_cluster):
+    box = [rayx.put(np.full(1_200_007, 1.0))]
+    held = rayx.get(box[0])
+    _, inode = _freed(box)
+    ref = rayx.put(np.full(1_200_007, 2.0))
+    assert _inode(ref.id) != inode  # the writer could not lock it, so it wrote a new file
+    assert held.min() == held.max() == 1.0
+    assert rayx.get(ref)[-1] == 2.0
+
+
+def test_a_freed_file_a_worker_still_maps_is_never_rewritten(rayx_cluster):
+    @rayx.remote(num_cpus=0)
+    class Keeper:
+        def keep(self, a):
+            self.a = a
+            return float(a[0])
+
+        def range(self):
+            return float(self.a.min()), float(self.a.max())
+
+    keeper = Keeper.remote()
+    box = [rayx.put(np.full(1_300_003, 1.0))]
+    assert rayx.get(keeper.keep.remote(box[0])) == 1.0
+    _, inode = _freed(box)
+    ref = rayx.put(np.full(1_300_003, 2.0))
+    assert _inode(ref.id) != inode
+    assert rayx.get(keeper.range.remote()) == (1.0, 1.0)
+    assert rayx.get(ref)[0] == 2.0
+    rayx.kill(keeper)
+
+
+def test_an_unused_free_file_goes_after_free_file_keep(fresh_cluster):
+    fresh_cluster(num_cpus=1, object_store_memory=64 * 1024 * 1024, free_file_keep=0.5)
+    _freed([rayx.put(np.ones(1_000_000))])
+    wait_for(lambda: not _free_files(), 10, what="the unused free file to go")
+
+
+def test_free_files_make_room_before_anything_is_spilled(fresh_cluster):
+    info = fresh_cluster(num_cpus=1, object_store_memory=64 * 1024 * 1024)
+    _freed([rayx.put(np.ones(1_500_000))])  # 12 MB
+    assert _free_files()
+    big = rayx.put(np.ones(7_500_000))  # 60 MB: too large for that file, and 72 MB > 64 MB
+    assert not _free_files()
+    assert not os.listdir(os.path.join(info.session_dir, f"spill-{info.node_id[:12]}"))
+    assert rayx.get(big)[-1] == 1.0
+
+
+def test_free_file_keep_0_unlinks_freed_files_at_once(fresh_cluster):
+    fresh_cluster(num_cpus=1, object_store_memory=64 * 1024 * 1024, free_file_keep=0)
+    _freed([rayx.put(np.ones(1_000_000))])
+    assert not _free_files()
