@@ -66,6 +66,8 @@ def _rewrite(free_file: str, obj: SerializedObject, kept: KeptMappings | None) -
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.unlink(free_file)  # that reader keeps its pages until it lets go, as after a free
+            if kept is not None:
+                kept.discard(os.fstat(fd).st_ino)  # and we no longer hold them
             return False
         if os.fstat(fd).st_size != obj.size:
             os.ftruncate(fd, obj.size)
@@ -127,6 +129,12 @@ class KeptMappings:
                 self._sweeping = True
                 self.timers.call_later(self.sweep, self._sweep)
         return memoryview(mm)[:size]
+
+    def discard(self, inode: int) -> None:
+        """Drop the mapping of a file this process will not rewrite (it unlinked it)."""
+        with self._lock:
+            if inode in self._entries:
+                self._close(inode)
 
     def _close(self, inode: int) -> None:
         """Lock held. Views handed out are released by then: each lives for one write."""
