@@ -67,11 +67,11 @@ def _rewrite(free_file: str, obj: SerializedObject, kept: KeptMappings | None) -
         except BlockingIOError:
             os.unlink(free_file)  # that reader keeps its pages until it lets go, as after a free
             if kept is not None:
-                kept.discard(os.fstat(fd).st_ino)  # and we no longer hold them
+                kept.discard(_file_key(fd))  # and we no longer hold them
             return False
-        if os.fstat(fd).st_size != obj.size:
-            os.ftruncate(fd, obj.size)
         try:
+            if os.fstat(fd).st_size != obj.size:
+                os.ftruncate(fd, obj.size)
             view = kept.view(fd, obj.size) if kept is not None else None
             if view is None:
                 _pwrite_object(fd, obj)
@@ -98,22 +98,24 @@ class KeptMappings:
 
     def __init__(self, sweep: float, timers):
         self.sweep, self.timers = sweep, timers
-        self._entries: OrderedDict[int, tuple[int, mmap.mmap]] = OrderedDict()  # inode ->
-        self._sweeping = False                                                # (fd, map)
+        # (device, inode) -> (our fd of the file, the mapping); the fd keeps the inode alive,
+        # so no other file can have its number while the entry exists
+        self._entries: OrderedDict[tuple[int, int], tuple[int, mmap.mmap]] = OrderedDict()
+        self._sweeping = False
         self._lock = threading.Lock()
 
     def view(self, fd: int, size: int) -> memoryview | None:
         """A writable view of the first `size` bytes of the file open at `fd` (a mapping kept
         from before, or a new one with its page tables filled); None if the kernel cannot
         fill page tables ahead (then a write through the mapping would be the slowest way)."""
-        inode = os.fstat(fd).st_ino
+        key = _file_key(fd)
         with self._lock:
-            entry = self._entries.get(inode)
+            entry = self._entries.get(key)
             if entry is not None and len(entry[1]) >= size:
-                self._entries.move_to_end(inode)
+                self._entries.move_to_end(key)
                 return memoryview(entry[1])[:size]
             if entry is not None:
-                self._close(inode)
+                self._close(key)
         mm = mmap.mmap(fd, size)
         try:
             mm.madvise(MADV_POPULATE_READ)
@@ -122,7 +124,7 @@ class KeptMappings:
             return None
         own = os.dup(fd)
         with self._lock:
-            self._entries[inode] = (own, mm)
+            self._entries[key] = (own, mm)
             while len(self._entries) > KEPT_MAPPINGS:
                 self._close(next(iter(self._entries)))
             if not self._sweeping:
@@ -130,15 +132,15 @@ class KeptMappings:
                 self.timers.call_later(self.sweep, self._sweep)
         return memoryview(mm)[:size]
 
-    def discard(self, inode: int) -> None:
+    def discard(self, key: tuple[int, int]) -> None:
         """Drop the mapping of a file this process will not rewrite (it unlinked it)."""
         with self._lock:
-            if inode in self._entries:
-                self._close(inode)
+            if key in self._entries:
+                self._close(key)
 
-    def _close(self, inode: int) -> None:
+    def _close(self, key: tuple[int, int]) -> None:
         """Lock held. Views handed out are released by then: each lives for one write."""
-        fd, mm = self._entries.pop(inode)
+        fd, mm = self._entries.pop(key)
         try:
             mm.close()
         except BufferError:
@@ -147,16 +149,21 @@ class KeptMappings:
 
     def _sweep(self) -> None:
         with self._lock:
-            for inode in [i for i, (fd, _) in self._entries.items() if os.fstat(fd).st_nlink == 0]:
-                self._close(inode)
+            for key in [k for k, (fd, _) in self._entries.items() if os.fstat(fd).st_nlink == 0]:
+                self._close(key)
             self._sweeping = bool(self._entries)
             if self._sweeping:
                 self.timers.call_later(self.sweep, self._sweep)
 
     def clear(self) -> None:
         with self._lock:
-            for inode in list(self._entries):
-                self._close(inode)
+            for key in list(self._entries):
+                self._close(key)
+
+
+def _file_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def open_shared(path: str) -> int:

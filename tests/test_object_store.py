@@ -226,3 +226,16 @@ def test_free_file_keep_0_unlinks_freed_files_at_once(fresh_cluster):
     fresh_cluster(num_cpus=1, object_store_memory=64 * 1024 * 1024, free_file_keep=0)
     _freed([rayx.put(np.ones(1_000_000))])
     assert not _free_files()
+
+
+def test_a_free_file_half_rewritten_is_removed_not_named(tmp_path):
+    from rayx import serialization
+    from rayx.store_files import write_object
+
+    free_file, path = tmp_path / "free-1", tmp_path / "object"
+    free_file.write_bytes(b"\0" * 4096)
+    obj = serialization.serialize(np.ones(1000))
+    obj.buffers[0].release()  # writing the buffer now raises
+    with pytest.raises(ValueError):
+        write_object(str(path), obj, str(free_file))
+    assert not free_file.exists() and not path.exists()
