@@ -32,6 +32,10 @@ from rayx.task_spec import ActorCreation, TaskSpec
 current_task_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "rayx_task_id", default=None)
 
+# Remote functions a worker keeps unpickled, oldest dropped first: a driver that makes a new
+# remote function per call (rayx.remote inside a loop) must not grow every worker forever.
+FUNCTIONS_KEPT = 256
+
 
 class Worker:
     """State of one worker process; `run()` is its main loop."""
@@ -183,7 +187,10 @@ class Worker:
             return getattr(self.actor, spec.method)
         fn = self.functions.get(spec.fn_id)
         if fn is None:
-            fn = self.functions[spec.fn_id] = serialization.loads(spec.fn_bytes)
+            fn = serialization.loads(spec.fn_bytes)
+            if len(self.functions) >= FUNCTIONS_KEPT:  # every spec carries its function's
+                self.functions.pop(next(iter(self.functions)))  # bytes: a dropped one reloads
+            self.functions[spec.fn_id] = fn
         return fn
 
     def _resolve(self, spec: TaskSpec):

@@ -184,3 +184,25 @@ def test_repeated_waits_leave_no_callbacks_behind(rayx_cluster):
     entry = api.core().table.get(ref.id)
     assert not entry.callbacks
     rayx.cancel(ref)
+
+
+def _functions_kept_here(tag):
+    from rayx import api
+
+    return tag, os.getpid(), len(api.worker().functions)
+
+
+def test_workers_keep_a_bounded_number_of_remote_functions(rayx_cluster):
+    """A driver that makes a new remote function per call (rayx.remote in a loop) must not
+    grow its workers without end; a function dropped by a worker still runs when called."""
+    from rayx.worker import FUNCTIONS_KEPT
+
+    made = [rayx.remote(lambda i=i: _functions_kept_here(i)) for i in range(1200)]
+    results = rayx.get([f.remote() for f in made])
+    assert [tag for tag, _, _ in results] == list(range(1200))
+    ran: dict[int, int] = {}
+    for _, worker_pid, _ in results:
+        ran[worker_pid] = ran.get(worker_pid, 0) + 1
+    assert max(ran.values()) > FUNCTIONS_KEPT  # so the bound had to apply somewhere
+    assert max(kept for _, _, kept in results) <= FUNCTIONS_KEPT
+    assert rayx.get(made[0].remote())[0] == 0  # long dropped by its worker: unpickled again
