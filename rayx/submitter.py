@@ -252,6 +252,8 @@ class TaskSubmitter:
         if descs[0][0] == "e" and self._retry_on_error(spec, descs[0]):
             self.submit(spec)
         else:
+            if self.cancelled:  # a cancel that reached it while it ran is settled now
+                self.cancelled.discard(spec.task_id)
             self.core.finish_task(spec, descs, msg[3] if len(msg) > 3 else None)
         with self.lock:
             for key, sq in self.shapes.items():

@@ -141,6 +141,8 @@ def test_cancel_running_and_queued_tasks(rayx_cluster):
             rayx.get(ref, timeout=20)
     assert time.monotonic() - t0 < 15
     assert rayx.get(sleep.remote(0)) == "slept"  # the workers are fine afterwards
+    task_ids = {ref.id[:-2] for ref in running + [queued]}  # a result id is task id + index
+    assert not task_ids & rayx.api.core().submitter.cancelled  # nothing kept once settled
 
 
 def test_cancel_while_its_arguments_load_stops_the_task(rayx_cluster, tmp_path):
