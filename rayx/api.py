@@ -10,12 +10,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from rayx import cluster, rpc, serialization, wire
-from rayx.config import Settings, load_settings
+from rayx.config import OPTIONAL_PREIMPORTS, Settings, load_settings
 from rayx.core import CoreClient
 from rayx.exceptions import InvalidOptionError, RayxError
 from rayx.object_ref import ObjectRef
@@ -71,8 +72,10 @@ def _start_local(conf: Settings, num_cpus, num_gpus, resources, object_store_mem
     table, gpus = cluster.node_resources(num_cpus, num_gpus, resources)
     store = object_store_memory or cluster.default_store_memory(conf)
     session = cluster.new_session(conf)
+    preimport = [name for name in OPTIONAL_PREIMPORTS if name in sys.modules]  # what we use
     node = cluster.start_node(session, conf, head=True, resources=table, num_gpus=gpus,
-                              object_store_memory=store, driver_pid=os.getpid())
+                              object_store_memory=store, driver_pid=os.getpid(),
+                              extra={"preimport": preimport})
     try:
         core = CoreClient(node_address=node.address, head_address=node.address,
                           token=session.token, session_dir=session.dir, settings=conf)

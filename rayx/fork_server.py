@@ -1,4 +1,4 @@
-"""The template process: imports rayx and the heavy libraries once, then forks workers.
+"""The template process: imports rayx and the libraries tasks use once, then forks workers.
 
     node manager --"<worker_id>\\n" on stdin--> fork server --fork()--> worker.main(...)
     stdin closes (node manager gone) --> fork server exits
@@ -15,13 +15,15 @@ import os
 import signal
 import sys
 
+from rayx.config import OPTIONAL_PREIMPORTS
 
-def _preimport() -> None:
+
+def _preimport(optional) -> None:
     import cloudpickle  # noqa: F401
     import grpc  # noqa: F401
 
     import rayx.worker  # noqa: F401
-    for name in ("numpy", "pandas"):  # the libraries most tasks touch; optional
+    for name in optional:
         try:
             __import__(name)
         except Exception:
@@ -31,7 +33,7 @@ def _preimport() -> None:
 def main() -> None:
     """Serve fork requests until stdin closes. argv[1] is the JSON config shared by workers."""
     config = json.loads(sys.argv[1])
-    _preimport()
+    _preimport(config.get("preimport", OPTIONAL_PREIMPORTS))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps workers: no zombies
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C in the driver's terminal is not ours
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # stack dump to stderr; workers too

@@ -39,7 +39,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
     def __init__(self, *, node_id: str, address: str, head_address: str, token: str,
                  session_dir: str, resources: dict, num_gpus: int, store: ObjectStore,
                  settings, driver_pid: int = 0, stdout=None, forward_output: bool = False,
-                 gpu_devices: list[str] | None = None):
+                 gpu_devices: list[str] | None = None, preimport: list[str] | None = None):
         self.node_id, self.address, self.head_address = node_id, address, head_address
         self.token, self.session_dir, self.settings = token, session_dir, settings
         self.store = store
@@ -62,6 +62,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
             "head_address": head_address, "token": token, "num_gpus": num_gpus,
             "gpu_devices": gpu_devices or [str(i) for i in range(num_gpus)],
             "forward_output": forward_output,
+            **({} if preimport is None else {"preimport": preimport}),
         }, self._on_worker_death, stdout=stdout)
         self._watcher = threading.Thread(target=self._watch_loop, name="rayx-node-watch",
                                          daemon=True)

@@ -47,6 +47,7 @@ def run(config: dict) -> None:
                            token=token, session_dir=session_dir, resources=config["resources"],
                            num_gpus=int(config.get("num_gpus", 0)),
                            gpu_devices=config.get("gpu_devices"), store=store,
+                           preimport=config.get("preimport"),
                            settings=settings, driver_pid=int(config.get("driver_pid", 0)),
                            forward_output=bool(config.get("forward_output")))
     except BaseException:
