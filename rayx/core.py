@@ -508,7 +508,8 @@ class CoreClient:
         for rid in spec.return_ids:
             self.table.add_owned(rid, self.address, lineage=spec)
         refs = [self.new_ref(rid) for rid in spec.return_ids]
-        self.table.pin(d.id for d in deps)
+        if deps:  # the table's lock is shared by every thread: take it only when needed
+            self.table.pin(d.id for d in deps)
         if nested:
             held = [oid for oid, _ in ref_pairs(nested)]
             self.table.pin(held)
@@ -561,7 +562,8 @@ class CoreClient:
                 cb(desc)
         deps = [a[1] for a in spec.args if a[0] == "r"] + [
             a[1] for a in spec.kwargs.values() if a[0] == "r"]
-        self.table.unpin(deps, drops)
+        if deps:
+            self.table.unpin(deps, drops)
         held = self._nested_pins.pop(spec.task_id, None)
         if held:
             self.table.unpin(held, drops)
