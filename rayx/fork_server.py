@@ -18,7 +18,7 @@ import sys
 from rayx.config import OPTIONAL_PREIMPORTS
 
 
-def _preimport(optional) -> None:
+def _preimport(optional: list[str] | tuple[str, ...]) -> None:
     import cloudpickle  # noqa: F401
     import grpc  # noqa: F401
 
@@ -33,7 +33,8 @@ def _preimport(optional) -> None:
 def main() -> None:
     """Serve fork requests until stdin closes. argv[1] is the JSON config shared by workers."""
     config = json.loads(sys.argv[1])
-    _preimport(config.get("preimport", OPTIONAL_PREIMPORTS))
+    optional = config.get("preimport")
+    _preimport(OPTIONAL_PREIMPORTS if optional is None else optional)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps workers: no zombies
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C in the driver's terminal is not ours
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # stack dump to stderr; workers too

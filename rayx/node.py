@@ -62,7 +62,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
             "head_address": head_address, "token": token, "num_gpus": num_gpus,
             "gpu_devices": gpu_devices or [str(i) for i in range(num_gpus)],
             "forward_output": forward_output,
-            **({} if preimport is None else {"preimport": preimport}),
+            "preimport": preimport,  # None: the fork server's default
         }, self._on_worker_death, stdout=stdout)
         self._watcher = threading.Thread(target=self._watch_loop, name="rayx-node-watch",
                                          daemon=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -80,15 +81,16 @@ def test_workers_start_with_the_libraries_the_driver_imported(driver_imports):
         def loaded():
             import sys
             return sorted(name for name in ("numpy", "pandas") if name in sys.modules)
-        print("LOADED", rayx.get(loaded.remote()),
-              sorted(name for name in ("numpy", "pandas") if name in sys.modules))
+        import json
+        print("LOADED", json.dumps([rayx.get(loaded.remote()),
+              sorted(name for name in ("numpy", "pandas") if name in sys.modules)]))
         rayx.shutdown()
     """)
     out, _ = driver.communicate(timeout=60)
     assert driver.returncode == 0, out
     line = next(line for line in out.splitlines() if line.startswith("LOADED"))
-    in_worker, in_driver = line.removeprefix("LOADED ").split("] ")
-    assert in_worker + "]" == in_driver  # pandas brings numpy with it
+    in_worker, in_driver = json.loads(line.removeprefix("LOADED "))
+    assert in_worker == in_driver  # pandas brings numpy with it
     assert ("pandas" in in_worker) == (driver_imports == "pandas")
 
 
