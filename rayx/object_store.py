@@ -38,6 +38,7 @@ class StoredObject:
     owner_id: str
     spilled: bool = False
     sealed: bool = False
+    free_file: str = ""  # a free file handed to its writer: gone once renamed to the object
 
 
 class ObjectStore:
@@ -74,7 +75,7 @@ class ObjectStore:
                 return self.path(object_id), ""
             free_file = self._take_free_file(size) if reuse else ""
             self._make_room(size)
-            self.objects[object_id] = StoredObject(size, owner_id)
+            self.objects[object_id] = StoredObject(size, owner_id, free_file=free_file)
             self.used += size
         return self.path(object_id), free_file
 
@@ -126,7 +127,7 @@ class ObjectStore:
                 self._make_room(size)
                 obj = self.objects[object_id] = StoredObject(size, owner_id)
                 self.used += size
-            obj.sealed, obj.owner_id = True, owner_id
+            obj.sealed, obj.owner_id, obj.free_file = True, owner_id, ""
 
     def _make_room(self, size: int) -> None:
         """Drop free files, then spill sealed objects, oldest first, until `size` more bytes
@@ -187,6 +188,8 @@ class ObjectStore:
                 elif not (obj.sealed and self._keep_free_file(oid, obj.size)):
                     self.used -= obj.size
                     _unlink(self.path(oid))
+                    if obj.free_file:  # its writer never sealed it (it died writing)
+                        _unlink(obj.free_file)
 
     def free_owner(self, owner_id: str) -> list[str]:
         """Free every object of an owner that exited: nobody can resolve them any more."""

@@ -239,3 +239,25 @@ def test_a_free_file_half_rewritten_is_removed_not_named(tmp_path):
     with pytest.raises(ValueError):
         write_object(str(path), obj, str(free_file))
     assert not free_file.exists() and not path.exists()
+
+
+def test_a_free_file_whose_writer_never_sealed_goes_with_its_reservation(tmp_path):
+    """A writer handed a free file that dies before it renames and seals it: freeing the
+    reservation (as its owner's exit does) removes the free file too, uncounted otherwise."""
+    from rayx.object_store import FREE_FILE_MIN, ObjectStore
+
+    store = ObjectStore(str(tmp_path / "store"), str(tmp_path / "spill"), 64 * FREE_FILE_MIN)
+    try:
+        path, _ = store.reserve("a", 2 * FREE_FILE_MIN)
+        with open(path, "wb") as f:
+            f.write(b"\0" * (2 * FREE_FILE_MIN))
+        store.seal("a", 2 * FREE_FILE_MIN, "owner")
+        store.free(["a"])  # kept as a free file
+        (free_file,) = store.free_files
+        _, handed = store.reserve("b", 2 * FREE_FILE_MIN, "owner", reuse=True)
+        assert handed == free_file  # the writer of "b" dies here, before its rename
+        store.free_owner("owner")
+        assert not os.path.exists(free_file)
+        assert os.listdir(store.store_dir) == [] and store.used == 0
+    finally:
+        store.destroy()
