@@ -127,6 +127,8 @@ class ObjectStore:
                 self._make_room(size)
                 obj = self.objects[object_id] = StoredObject(size, owner_id)
                 self.used += size
+            if obj.free_file:  # renamed into the object by now, unless the writer that was
+                _unlink(obj.free_file)  # handed it died and a retry wrote the object anew
             obj.sealed, obj.owner_id, obj.free_file = True, owner_id, ""
 
     def _make_room(self, size: int) -> None:

@@ -241,23 +241,37 @@ def test_a_free_file_half_rewritten_is_removed_not_named(tmp_path):
     assert not free_file.exists() and not path.exists()
 
 
-def test_a_free_file_whose_writer_never_sealed_goes_with_its_reservation(tmp_path):
-    """A writer handed a free file that dies before it renames and seals it: freeing the
-    reservation (as its owner's exit does) removes the free file too, uncounted otherwise."""
+def _sealed_then_freed(store, oid: str, size: int) -> str:
+    """Write, seal and free an object in `store`; returns the free file it became."""
+    path, _ = store.reserve(oid, size, "owner")
+    with open(path, "wb") as f:
+        f.write(b"\0" * size)
+    store.seal(oid, size, "owner")
+    store.free([oid])
+    return next(reversed(store.free_files))
+
+
+def test_a_free_file_whose_writer_never_sealed_does_not_outlive_its_object(tmp_path):
+    """A writer handed a free file that dies before it renames it: the free file goes when
+    the reservation is freed (its owner's exit), or when a retry of the task seals the
+    object anew. Before, it stayed on /dev/shm, uncounted, until the node stopped."""
     from rayx.object_store import FREE_FILE_MIN, ObjectStore
 
+    size = 2 * FREE_FILE_MIN
     store = ObjectStore(str(tmp_path / "store"), str(tmp_path / "spill"), 64 * FREE_FILE_MIN)
     try:
-        path, _ = store.reserve("a", 2 * FREE_FILE_MIN)
-        with open(path, "wb") as f:
-            f.write(b"\0" * (2 * FREE_FILE_MIN))
-        store.seal("a", 2 * FREE_FILE_MIN, "owner")
-        store.free(["a"])  # kept as a free file
-        (free_file,) = store.free_files
-        _, handed = store.reserve("b", 2 * FREE_FILE_MIN, "owner", reuse=True)
-        assert handed == free_file  # the writer of "b" dies here, before its rename
+        free_file = _sealed_then_freed(store, "a", size)
+        assert store.reserve("b", size, "owner", reuse=True)[1] == free_file  # writer dies
         store.free_owner("owner")
-        assert not os.path.exists(free_file)
         assert os.listdir(store.store_dir) == [] and store.used == 0
+
+        free_file = _sealed_then_freed(store, "c", size)
+        assert store.reserve("d", size, "owner", reuse=True)[1] == free_file  # writer dies
+        path, handed = store.reserve("d", size, "owner", reuse=True)  # the task's retry
+        assert handed == ""
+        with open(path, "wb") as f:
+            f.write(b"\0" * size)
+        store.seal("d", size, "owner")
+        assert os.listdir(store.store_dir) == ["d"] and store.used == size
     finally:
         store.destroy()
