@@ -3,7 +3,7 @@
     puller (node manager) --TCP: "<token> <object id> <its address>\\n"--> holding node
     (which remembers the copy, to free it along with the original)
     <-- u64 size (or 2**64-1: not here) --  <-- the file's bytes, sendfile() in 16 MiB chunks --
-    puller receives straight into the reserved store file (recv_into a mapping of it)
+    puller receives into one buffer and pwrite()s it into the reserved store file
 
 gRPC streaming copies every chunk several times in Python; this path avoids that (see
 docs/performance.md for what it reaches). The request carries the cluster token; with TLS
@@ -14,7 +14,6 @@ sendfile().
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import socket
 import ssl
@@ -124,16 +123,8 @@ def pull(host: str, port: int, token: str, object_id: str, me: str,
         tmp = path + ".pull"
         fd = os.open(tmp, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
         try:
-            os.ftruncate(fd, size)
-            with mmap.mmap(fd, size) as mm, memoryview(mm) as view:  # released first, even
-                got = 0                                              # when the sender fails
-                while got < size:
-                    with view[got:] as rest:
-                        n = sock.recv_into(rest, min(_CHUNK, size - got))
-                    if n == 0:
-                        raise ObjectLostError(f"the node at {host}:{port} went away while "
-                                              f"sending object {object_id}")
-                    got += n
+            _recv_to_file(sock, fd, size, f"the node at {host}:{port} went away while "
+                                          f"sending object {object_id}")
         except BaseException:
             _unlink_quietly(tmp)
             raise
@@ -141,6 +132,25 @@ def pull(host: str, port: int, token: str, object_id: str, me: str,
             os.close(fd)
         os.rename(tmp, path)
         return path, size
+
+
+def _recv_to_file(sock: socket.socket, fd: int, size: int, gone: str) -> None:
+    """Receive `size` bytes into the file, through one buffer and pwrite(). Receiving
+    straight into a mapping of the new file was 2.5x slower (0.8 against 2.1 GB/s for
+    954 MiB here): each page faulted in inside the socket copy. A full /dev/shm is an
+    OSError here, where writing through a mapping would be a SIGBUS."""
+    buf = bytearray(min(_CHUNK, size))
+    with memoryview(buf) as view:
+        got = 0
+        while got < size:
+            n = sock.recv_into(view, min(len(buf), size - got))
+            if n == 0:
+                raise ObjectLostError(gone)
+            done = 0
+            while done < n:
+                with view[done:n] as rest:
+                    done += os.pwrite(fd, rest, got + done)
+            got += n
 
 
 def _unlink_quietly(path: str) -> None:
