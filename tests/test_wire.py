@@ -209,3 +209,51 @@ def test_object_pull_under_tls(tls, tmp_path):
         assert len(got) < 64  # at most a TLS alert: neither a size nor the object
     finally:
         server.stop()
+
+
+def _holder_that_stops_halfway(size: int) -> tuple[socket.socket, threading.Thread]:
+    """A fake transfer server: announces `size` bytes, sends half of them, hangs up."""
+    lst = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = lst.accept()
+        with conn:
+            conn.recv(1024)  # the request line
+            conn.sendall(struct.pack("<Q", size) + b"\1" * (size // 2))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return lst, thread
+
+
+def test_a_pull_cut_short_fails_and_leaves_no_file(tmp_path):
+    from rayx.exceptions import ObjectLostError
+
+    lst, thread = _holder_that_stops_halfway(3 << 20)
+    dest = tmp_path / "copy"
+    try:
+        with pytest.raises(ObjectLostError, match="went away while sending object oid"):
+            transfer.pull("127.0.0.1", lst.getsockname()[1], "secret", "oid", "me",
+                          lambda n: str(dest))
+    finally:
+        thread.join(5)
+        lst.close()
+    assert os.listdir(tmp_path) == []  # neither the object nor its .pull file
+
+
+def test_a_pull_into_a_full_store_is_an_error_not_a_crash():
+    """The receiver writes with pwrite(): a full /dev/shm raises ENOSPC (a write through a
+    mapping would kill the node with SIGBUS). /dev/full stands in for the full store."""
+    import errno
+
+    a, b = socket.socketpair()
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        a.sendall(b"\1" * 4096)
+        with pytest.raises(OSError) as info:
+            transfer._recv_to_file(b, fd, 4096, "gone")
+        assert info.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
