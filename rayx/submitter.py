@@ -30,13 +30,14 @@ from rayx.protocol import rayx_pb2 as pb
 from rayx.task_spec import TaskSpec
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # a lease is itself: compared by identity
 class Lease:
     lease_id: str
     worker_id: str
     node_address: str
     conn: wire.Connection | None
     gpu_ids: list
+    key: tuple = ()  # the shape (TaskSubmitter.shapes) it serves
     inflight: dict = field(default_factory=dict)
     idle_since: float = 0.0
     last_done: float = 0.0  # when its worker last finished a task (monotonic)
@@ -110,6 +111,7 @@ class TaskSubmitter:
 
     def submit(self, spec: TaskSpec) -> None:
         key = shape_key(spec, self.core.node_address)
+        sends = []
         with self.lock:
             sq = self.shapes.get(key)
             if sq is None:
@@ -122,12 +124,15 @@ class TaskSubmitter:
             else:
                 sq.queue.append(spec)
                 cancelled = False
-                self._pump(key, sq)
+                sends = self._pump(key, sq)
+        self._push(sends)
         if cancelled:
             self.core.fail_task(spec, TaskCancelledError(f"task {spec.name} was cancelled"))
 
-    def _pump(self, key: tuple, sq: ShapeQueue) -> None:
-        """Push queued tasks to leases with room; ask for a lease if work is left. Lock held."""
+    def _pump(self, key: tuple, sq: ShapeQueue) -> list[tuple[Lease, TaskSpec]]:
+        """Give queued tasks to leases with room; ask for a lease if work is left. Lock held.
+        Returns the (lease, task) pairs to send once the lock is released (see _push)."""
+        sends: list[tuple[Lease, TaskSpec]] = []
         cap = 1
         full = sq.saturated or sq.at_lease_limit()
         if full and sq.task_time is not None and sq.task_time < PIPELINE_BELOW:
@@ -140,10 +145,7 @@ class TaskSubmitter:
             spec.gpu_ids = lease.gpu_ids
             spec.sent_at = time.monotonic()
             lease.inflight[spec.task_id] = spec
-            try:
-                lease.conn.send(("task", spec))
-            except ConnectionError:
-                break  # the close callback requeues what this lease held
+            sends.append((lease, spec))
         if (sq.queue and not sq.requesting and not sq.retry_scheduled and not self.closed
                 and not sq.at_lease_limit()):
             self._request_lease(key, sq, sq.home or self.core.node_address)
@@ -155,6 +157,20 @@ class TaskSubmitter:
                                             lambda k=key, le=lease: self._maybe_return(k, le))
             elif lease.inflight:
                 lease.idle_since = 0.0
+        return sends
+
+    @staticmethod
+    def _push(sends: list[tuple[Lease, TaskSpec]]) -> None:
+        """Send what _pump gave out, outside the lock: a socket write under it made every
+        other thread that submits or settles a task wait for the write (a convoy: in a
+        chunked Executor.map the driver's main thread spent most of each submit there).
+        A send that fails needs nothing here: the lease's close callback requeues or fails
+        what it held, this task included."""
+        for lease, spec in sends:
+            try:
+                lease.conn.send(("task", spec))
+            except ConnectionError:
+                pass
 
     def _request_lease(self, key: tuple, sq: ShapeQueue, address: str, spilled=False) -> None:
         sq.requesting = True
@@ -200,16 +216,18 @@ class TaskSubmitter:
                 sq.saturated = True
                 sq.retry_scheduled = True
                 delay, sq.backoff = sq.backoff, min(sq.backoff * 2, 0.1)
-                self._pump(key, sq)
+                sends = self._pump(key, sq)
+            self._push(sends)
             self.core.timers.call_later(delay, lambda: self._retry(key, sq))
 
     def _retry(self, key: tuple, sq: ShapeQueue) -> None:
         with self.lock:
             sq.retry_scheduled = False
-            self._pump(key, sq)
+            sends = self._pump(key, sq)
+        self._push(sends)
 
     def _granted(self, key: tuple, sq: ShapeQueue, address: str, reply) -> None:
-        lease = Lease(reply.lease_id, reply.worker_id, address, None, list(reply.gpu_ids))
+        lease = Lease(reply.lease_id, reply.worker_id, address, None, list(reply.gpu_ids), key)
         try:
             lease.conn = wire.connect(reply.worker_address, self.core.token,
                                       self._on_worker_msg,
@@ -218,7 +236,8 @@ class TaskSubmitter:
             self._return(lease, dead=True)
             with self.lock:
                 sq.requesting = False
-                self._pump(key, sq)
+                sends = self._pump(key, sq)
+            self._push(sends)
             return
         lease.conn.peer = lease
         with self.lock:
@@ -228,7 +247,8 @@ class TaskSubmitter:
                 lease.conn.close()
                 return
             sq.leases.append(lease)
-            self._pump(key, sq)
+            sends = self._pump(key, sq)
+        self._push(sends)
 
     def _on_worker_msg(self, conn: wire.Connection, msg) -> None:
         if msg[0] == "log":
@@ -255,13 +275,14 @@ class TaskSubmitter:
             if self.cancelled:  # a cancel that reached it while it ran is settled now
                 self.cancelled.discard(spec.task_id)
             self.core.finish_task(spec, descs, msg[3] if len(msg) > 3 else None)
+        sends = []
         with self.lock:
-            for key, sq in self.shapes.items():
-                if lease in sq.leases:
-                    sq.task_time = took if sq.task_time is None else (
-                        0.8 * sq.task_time + 0.2 * took)
-                    self._pump(key, sq)
-                    break
+            sq = self.shapes.get(lease.key)
+            if sq is not None and lease in sq.leases:
+                sq.task_time = took if sq.task_time is None else (
+                    0.8 * sq.task_time + 0.2 * took)
+                sends = self._pump(lease.key, sq)
+        self._push(sends)
 
     def _retired(self, lease: Lease) -> None:
         """The worker reached max_calls and exits: resend what it had not run, elsewhere."""
@@ -313,7 +334,8 @@ class TaskSubmitter:
                     f"it was tried {spec.attempt + 1} time(s) (max_retries={spec.max_retries}). "
                     "It was likely killed or ran out of memory; raise max_retries= or memory="))
         with self.lock:
-            self._pump(key, sq)
+            sends = self._pump(key, sq)
+        self._push(sends)
 
     def _maybe_return(self, key: tuple, lease: Lease) -> None:
         with self.lock:
