@@ -6,20 +6,21 @@ import itertools
 import os
 
 _counter = itertools.count()
-_prefix = ""
-_prefix_pid = -1
+_prefix = os.urandom(6).hex()
 
 
-def _process_prefix() -> str:
-    global _prefix, _prefix_pid
-    if _prefix_pid != os.getpid():  # re-seed after fork so children never repeat ids
-        _prefix, _prefix_pid = os.urandom(6).hex(), os.getpid()
-    return _prefix
+def _reseed() -> None:
+    """A forked child gets a prefix of its own, so it never repeats its parent's ids."""
+    global _prefix
+    _prefix = os.urandom(6).hex()
+
+
+os.register_at_fork(after_in_child=_reseed)
 
 
 def new_id() -> str:
     """A fresh id: 12 random hex characters per process plus a counter."""
-    return f"{_process_prefix()}{next(_counter):08x}"
+    return f"{_prefix}{next(_counter):08x}"
 
 
 def random_id(nbytes: int = 8) -> str:

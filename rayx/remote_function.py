@@ -37,33 +37,54 @@ class RemoteFunction:
     def remote(self, /, *args, **kwargs):
         return self._submit(args, kwargs, self._options)
 
-    def _submit(self, args, kwargs, options: dict):
+    def _submit(self, args, kwargs, options: dict, fixed: _Fixed | None = None):
         core = api.core()
         if self._fn_bytes is None:
             self._fn_bytes = serialization.dumps(self._fn)
+        if fixed is None:
+            fixed = _Fixed.of(options, self._name)
         enc_args, enc_kwargs, deps, nested = encode_args(core, args, kwargs)
-        num_returns = options.get("num_returns") or 1
         task_id = ids.new_id()
-        strategy, affinity = strategy_fields(options)
         spec = TaskSpec(
-            task_id=task_id, name=options.get("name") or self._name, args=enc_args,
-            kwargs=enc_kwargs, return_ids=[f"{task_id}{i:02x}" for i in range(num_returns)],
+            task_id=task_id, name=fixed.name, args=enc_args, kwargs=enc_kwargs,
+            return_ids=[f"{task_id}{i:02x}" for i in range(fixed.num_returns)],
             owner_id=core.client_id, owner_address=core.address, fn_id=self._fn_id,
-            fn_bytes=self._fn_bytes, resources=resource_request(options, 1.0),
-            max_retries=_retries(options.get("max_retries"), 3),
-            retry_exceptions=_retry_exc(options.get("retry_exceptions")),
-            strategy=strategy, node_affinity=affinity, max_calls=options.get("max_calls") or 0,
-            lease_group=options.get("_lease_group") or ())
+            fn_bytes=self._fn_bytes, resources=dict(fixed.resources),
+            max_retries=fixed.max_retries, retry_exceptions=fixed.retry_exceptions,
+            strategy=fixed.strategy, node_affinity=fixed.affinity, max_calls=fixed.max_calls,
+            lease_group=fixed.lease_group)
         refs = core.submit(spec, deps, nested)
-        return refs[0] if num_returns == 1 else refs
+        return refs[0] if fixed.num_returns == 1 else refs
+
+
+class _Fixed:
+    """What every call made with one set of options puts into its TaskSpec, worked out once:
+    a map() makes thousands of calls through one _OptionsBound."""
+
+    __slots__ = ("name", "num_returns", "resources", "max_retries", "retry_exceptions",
+                 "strategy", "affinity", "max_calls", "lease_group")
+
+    @classmethod
+    def of(cls, options: dict, default_name: str) -> _Fixed:
+        f = cls()
+        f.name = options.get("name") or default_name
+        f.num_returns = options.get("num_returns") or 1
+        f.resources = resource_request(options, 1.0)
+        f.max_retries = _retries(options.get("max_retries"), 3)
+        f.retry_exceptions = _retry_exc(options.get("retry_exceptions"))
+        f.strategy, f.affinity = strategy_fields(options)
+        f.max_calls = options.get("max_calls") or 0
+        f.lease_group = options.get("_lease_group") or ()
+        return f
 
 
 class _OptionsBound:
     def __init__(self, fn: RemoteFunction, options: dict):
         self._fn, self._options = fn, options
+        self._fixed = _Fixed.of(options, fn._name)
 
     def remote(self, /, *args, **kwargs):
-        return self._fn._submit(args, kwargs, self._options)
+        return self._fn._submit(args, kwargs, self._options, self._fixed)
 
 
 def _retries(value, default: int) -> int:

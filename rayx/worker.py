@@ -223,15 +223,15 @@ class Worker:
         return descs, (lent if any(lent) else None)
 
     def _set_env(self, spec: TaskSpec) -> None:
+        cpus = spec.resources.get("CPU", 0.0)
+        self.cpus_for_lease = cpus
         env = os.environ
         if self.config.get("num_gpus", 0) > 0 or spec.gpu_ids:  # the node's ids -> devices
             devices = self.config["gpu_devices"]
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[i] for i in spec.gpu_ids)
-        cpus = spec.resources.get("CPU", 0.0)
+            _set_var(env, "CUDA_VISIBLE_DEVICES", ",".join(devices[i] for i in spec.gpu_ids))
         threads = str(max(1, int(cpus)))
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[var] = threads
-        self.cpus_for_lease = cpus
+            _set_var(env, var, threads)
 
     def forward_output(self, text: str, err: bool) -> None:
         """Send printed text to the owner of the running task, whose terminal shows it."""
@@ -323,6 +323,13 @@ def exit_worker() -> None:
             os.killpg(os.getpid(), signal.SIGTERM)
     finally:
         os._exit(0)
+
+
+def _set_var(env, name: str, value: str) -> None:
+    """Set an environment variable unless it already holds the value: most tasks of a worker
+    ask for what the last one had, and each putenv costs as much as a small task's pickle."""
+    if env.get(name) != value:
+        env[name] = value
 
 
 def _done(spec: TaskSpec, descs: list, nested: list | None) -> tuple:

@@ -291,16 +291,18 @@ class _Dispatcher:
             return
         self.window = self.max_workers + (1 if capacity <= self.max_workers else 0)
 
-    def _send_ready(self, inline: bool = False) -> None:
+    def _send_ready(self, inline: bool = False) -> bool:
+        """Send queued calls while the window has room; True if nothing is queued or in
+        flight any more."""
         if not inline:
             self.refresh_window()
         while True:
             with self.lock:
                 if self.broken or not self.pending:
-                    return
+                    return not self.running and not self.pending
                 window = self.map_window if self.pending[0].of_map else self.window
                 if len(self.running) >= window:
-                    return
+                    return False
                 item = self.pending.popleft()
                 if not item.future.set_running_or_notify_cancel():
                     continue
@@ -350,10 +352,7 @@ class _Dispatcher:
         if not self._deliver(item, box):
             self.events.put((item, (box.pop(), None)))
             return
-        self._send_ready(inline=True)
-        with self.lock:
-            idle = not self.running and not self.pending
-        if idle:  # the dispatcher may be waiting to exit
+        if self._send_ready(inline=True):  # idle: the dispatcher may be waiting to exit
             self.events.put(_WAKEUP)
 
     def _deliver(self, item: _WorkItem, box: list) -> bool:

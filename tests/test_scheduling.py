@@ -74,6 +74,33 @@ def test_omp_threads_follow_cpu_allocation(rayx_cluster):
     assert rayx.get(env.options(num_cpus=2).remote("OMP_NUM_THREADS")) == "2"
 
 
+def test_a_task_that_changes_its_thread_variables_does_not_pass_them_on(rayx_cluster):
+    """A worker sets OMP_NUM_THREADS and friends only where they differ from what the task
+    needs; a task that changed them itself must not hand its values to the next task."""
+
+    @rayx.remote
+    def change_then_report():
+        os.environ["OMP_NUM_THREADS"] = "7"
+        os.environ["MKL_NUM_THREADS"] = "7"
+        return os.getpid()
+
+    @rayx.remote
+    def report():
+        return os.getpid(), os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS")
+
+    seen = set()
+    for _ in range(20):  # until both ran in one worker (there are two)
+        pid = rayx.get(change_then_report.remote())
+        for _ in range(4):
+            other, omp, mkl = rayx.get(report.remote())
+            if other == pid:
+                assert (omp, mkl) == ("1", "1")
+                seen.add(pid)
+        if seen:
+            break
+    assert seen, "no task ran in the worker whose variables were changed"
+
+
 def test_task_waits_until_resources_fit(rayx_cluster):
     @rayx.remote(num_cpus=2)
     def span(seconds):

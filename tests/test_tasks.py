@@ -4,13 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
+import pickle
 import time
 
 import pytest
 
 import rayx
+from rayx import ids
 from rayx.exceptions import GetTimeoutError
+from rayx.task_spec import TaskSpec
+
+
+def test_a_task_spec_travels_with_every_field():
+    """TaskSpec pickles by its own __reduce__: every field, none left at its default."""
+    values = {}
+    for i, f in enumerate(dataclasses.fields(TaskSpec)):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        values[f.name] = {str: f"v{i}", int: i, float: i + 0.5, list: [i], dict: {"k": i},
+                          tuple: (f"g{i}", i)}.get(type(default), f"v{i}")
+    values["fn_bytes"], values["retry_exceptions"] = b"fn", (ValueError,)
+    spec = TaskSpec(**values)
+    plain = TaskSpec("t", "n", [], {}, [], "o", "a")
+    assert all(getattr(spec, k) != getattr(plain, k) for k in values if k not in
+               ("task_id", "name", "args", "kwargs", "return_ids", "owner_id", "owner_address"))
+    back = pickle.loads(pickle.dumps(("task", spec), protocol=5))[1]
+    assert back == spec and back is not spec
+
+
+def test_ids_are_unique_across_a_fork():
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(w, ids.new_id().encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(child, 0)
+    theirs = os.read(r, 100).decode()
+    os.close(r)
+    mine = ids.new_id()
+    assert theirs[:12] != mine[:12] and len(theirs) == len(mine)
 
 
 @rayx.remote
