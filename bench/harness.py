@@ -119,11 +119,13 @@ class Runner:
     def record(self, key: str, value: float) -> None:
         self.results.setdefault(key, []).append(float(value))
 
-    def measure(self, once: Callable[[], dict[str, float]]) -> None:
-        """Run `once` warmup times (discarded), then `repeats` times, recording what it returns."""
-        for _ in range(self.warmup):
+    def measure(self, once: Callable[[], dict[str, float]], warmup: int | None = None,
+                repeats: int | None = None) -> None:
+        """Run `once` warmup times (discarded), then `repeats` times, recording what it returns.
+        `warmup` and `repeats` override the workload's counts for this measurement alone."""
+        for _ in range(self.warmup if warmup is None else warmup):
             once()
-        for _ in range(self.repeats):
+        for _ in range(self.repeats if repeats is None else repeats):
             for key, value in once().items():
                 self.record(key, value)
         self.note_processes()
