@@ -57,6 +57,7 @@ from rayx_futures.calls import (
     _for_map,
     _InitializerFailed,
     _process_chunk,
+    _process_items,
     _StoredFn,
     _submit_call,
 )
@@ -539,8 +540,11 @@ class RayxExecutor(Executor):
         if chunksize == 1:
             return _map(self, self._for_map(fn, _call_name(fn)), zip(*iterables, strict=False),
                         timeout, buffersize)
-        chunks = _batched(zip(*iterables, strict=False), chunksize)
-        call_chunk = self._for_map(functools.partial(_process_chunk, _by_reference(fn)),
+        if len(iterables) == 1:
+            chunks, run_chunk = _batched(iterables[0], chunksize), _process_items
+        else:
+            chunks, run_chunk = _batched(zip(*iterables, strict=False), chunksize), _process_chunk
+        call_chunk = self._for_map(functools.partial(run_chunk, _by_reference(fn)),
                                    f"{_call_name(fn)}[chunk]")
         results = _map(self, call_chunk, zip(chunks, strict=False), timeout, buffersize)
         return _chain_from_iterable_of_lists(results)

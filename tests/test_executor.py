@@ -161,6 +161,18 @@ def test_map_in_order_with_and_without_chunks(executor):
         executor.map(pow, range(4), range(4), chunksize=0)
 
 
+def test_chunked_map_over_one_iterable_passes_each_item_whole(executor):
+    """One iterable's chunks carry the items themselves (not 1-tuples): tuples, None and
+    lists among them must still reach fn as single arguments."""
+    items = [(1, 2), None, [3], "s", (), 7] * 5
+    for chunksize in (2, 7, 30):
+        assert list(executor.map(repr, items, chunksize=chunksize)) == [repr(x) for x in items]
+    gen = (i for i in range(25))  # any iterable, consumed once
+    assert list(executor.map(abs, gen, chunksize=4)) == list(range(25))
+    with pytest.raises(TypeError):
+        executor.map(abs, 5, chunksize=2)
+
+
 def test_map_exception_reaches_the_right_item(executor):
     it = executor.map(divmod, [1, 1, 1, 1], [2, 3, 0, 5])
     assert next(it) == (0, 1)
