@@ -19,6 +19,7 @@ class RemoteFunction:
         self._options = check_options(dict(options), TASK_OPTIONS, f"remote function {self._name}")
         self._fn_id = ids.new_id()
         self._fn_bytes: bytes | None = None
+        self._fixed: _Fixed | None = None  # worked out at the first call
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", self._name)
 
@@ -35,14 +36,14 @@ class RemoteFunction:
         return _OptionsBound(self, {**self._options, **options})
 
     def remote(self, /, *args, **kwargs):
-        return self._submit(args, kwargs, self._options)
+        if self._fixed is None:
+            self._fixed = _Fixed.of(self._options, self._name)
+        return self._submit(args, kwargs, self._fixed)
 
-    def _submit(self, args, kwargs, options: dict, fixed: _Fixed | None = None):
+    def _submit(self, args, kwargs, fixed: _Fixed):
         core = api.core()
         if self._fn_bytes is None:
             self._fn_bytes = serialization.dumps(self._fn)
-        if fixed is None:
-            fixed = _Fixed.of(options, self._name)
         enc_args, enc_kwargs, deps, nested = encode_args(core, args, kwargs)
         task_id = ids.new_id()
         spec = TaskSpec(
@@ -84,7 +85,7 @@ class _OptionsBound:
         self._fixed = _Fixed.of(options, fn._name)
 
     def remote(self, /, *args, **kwargs):
-        return self._fn._submit(args, kwargs, self._options, self._fixed)
+        return self._fn._submit(args, kwargs, self._fixed)
 
 
 def _retries(value, default: int) -> int:
