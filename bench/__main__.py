@@ -102,24 +102,29 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m bench", *map(shlex.quote, argv)])
     vers = report.versions()  # now: the code that runs, not what is there when it ends
     log_dir = tempfile.mkdtemp(prefix="rayx-bench-logs-")
-    total = sum(len(w.cases) for w in chosen)
+    total = sum(len(w.cases) * w.passes_for(args.quick) for w in chosen)
     print(f"{total} cases; logs in {log_dir}; load average {os.getloadavg()[0]:.2f}",
           file=sys.stderr)
     results = []
     t0 = time.perf_counter()
     i = 0
     for w in chosen:
-        for case in w.cases:
-            i += 1
-            waited = wait_quiet(args.wait_quiet) if args.wait_quiet else 0
-            note = f" (waited {waited:.0f} s for idle CPUs)" if waited > 2 else ""
-            print(f"[{i}/{total}] {w.name} / {case.system}{note} ...", end=" ", file=sys.stderr,
-                  flush=True)
-            res = harness.run_case(w, case, args.quick, log_dir)
-            results.append(res)
-            msg = res.status if res.status == "ok" else f"{res.status}: {res.message[:200]}"
-            leak = f", {len(res.leaks)} leak(s)" if res.leaks else ""
-            print(f"{msg} ({res.wall:.1f} s{leak})", file=sys.stderr, flush=True)
+        passes = w.passes_for(args.quick)
+        pooled: dict[str, harness.CaseResult] = {}
+        for n in range(passes):
+            for case in w.cases:
+                i += 1
+                waited = wait_quiet(args.wait_quiet) if args.wait_quiet else 0
+                note = f" (waited {waited:.0f} s for idle CPUs)" if waited > 2 else ""
+                which = f" pass {n + 1}/{passes}" if passes > 1 else ""
+                print(f"[{i}/{total}] {w.name} / {case.system}{which}{note} ...", end=" ",
+                      file=sys.stderr, flush=True)
+                res = harness.run_case(w, case, args.quick, log_dir, passes)
+                pooled[case.system] = harness.merge(pooled.get(case.system), res)
+                msg = res.status if res.status == "ok" else f"{res.status}: {res.message[:200]}"
+                leak = f", {len(res.leaks)} leak(s)" if res.leaks else ""
+                print(f"{msg} ({res.wall:.1f} s{leak})", file=sys.stderr, flush=True)
+        results.extend(pooled.values())
     print(f"done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     shown, reused = chosen, ""
     if args.reuse:

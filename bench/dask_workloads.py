@@ -90,6 +90,7 @@ WORKLOADS = [
                Case("processes", "processes_dask", ("dask", "numpy", "pandas"))],
         full={"n": 10_000, "chunk": 1_000, "parts": 32, "rows": 250_000},
         quick={"n": 2_000, "chunk": 500, "parts": 4, "rows": 50_000, "repeats": 2},
+        passes=3,  # its targets are ratios near 1: pool three passes against drift
         notes="dask = a distributed LocalCluster; threads and processes are Dask's local "
               "schedulers.",
     ),

@@ -81,6 +81,13 @@ class Workload:
     fresh: bool = False  # a new process for every repetition (start-up measurements)
     module: str = ""
     notes: str = ""
+    # >1: the cases run in that many passes (rayx, ray, ..., rayx, ray, ...), each pass a
+    # fresh process per case doing its share of the rounds, and the samples are pooled, so
+    # a drift of the machine's speed during the workload reaches every system alike
+    passes: int = 1
+
+    def passes_for(self, quick: bool) -> int:
+        return 1 if quick or self.fresh else self.passes
 
     def params(self, quick: bool) -> dict:
         p = {"warmup": 1, "repeats": 5, "timeout": 420}
@@ -226,16 +233,21 @@ def _tail(path: str, lines: int = 15) -> str:
         return ""
 
 
-def run_case(workload: Workload, case: Case, quick: bool, log_dir: str) -> CaseResult:
+def run_case(workload: Workload, case: Case, quick: bool, log_dir: str,
+             passes: int = 1) -> CaseResult:
+    """One case in a fresh process; with `passes` > 1, one pass of it: its share of the
+    rounds, after the warm-up (the log is appended to)."""
     res = CaseResult(workload.name, case.system, "ok")
     why = missing_requirement(case)
     if why:
         res.status, res.message = "skipped", why
         return res
     params = workload.params(quick)
+    if passes > 1:
+        params["repeats"] = max(1, -(-int(params["repeats"]) // passes))
     log_path = os.path.join(log_dir, f"{workload.name}.{case.system}.log")
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if passes > 1 else "w") as log:
         if workload.fresh:
             runs = params["warmup"] + params["repeats"]
             child_params = dict(params, warmup=0, repeats=1)
@@ -265,6 +277,20 @@ def run_case(workload: Workload, case: Case, quick: bool, log_dir: str) -> CaseR
     if res.status == "error":
         res.message = (res.message + "\n" + _tail(log_path)).strip()
     return res
+
+
+def merge(into: CaseResult | None, more: CaseResult) -> CaseResult:
+    """Pool a later pass of a case into the earlier ones: samples, leaks, time, status."""
+    if into is None:
+        return more
+    for key, values in more.metrics.items():
+        into.metrics.setdefault(key, []).extend(values)
+    into.leaks += more.leaks
+    into.info.update(more.info)
+    into.wall += more.wall
+    if into.status == "ok" and more.status != "ok":
+        into.status, into.message = more.status, more.message
+    return into
 
 
 def summarize(values: list[float]) -> dict | None:

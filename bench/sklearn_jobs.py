@@ -123,6 +123,7 @@ WORKLOADS = [
         cases=_cases(threads=False),
         full={"what": "search", "samples": 2_000},
         quick={"samples": 500, "repeats": 2},
+        passes=3,  # its targets are ratios near 1: pool three passes against drift
     ),
     Workload(
         name="random_forest",
