@@ -21,8 +21,8 @@ from bench import harness, report
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smaller sizes and fewer repetitions (about five minutes on 2 "
-                         "cores, half of it starting Ray afresh for each workload)")
+                    help="smaller sizes, fewer rounds, one pass (about two minutes on 2 "
+                         "cores without Ray, 3.5 with it: Ray starts afresh per workload)")
     ap.add_argument("--only", action="append", default=[], metavar="NAME",
                     help="run only this workload (name or prefix; repeatable or a,b)")
     ap.add_argument("--systems", default="", metavar="A,B",
