@@ -161,9 +161,8 @@ class TaskSubmitter:
 
     @staticmethod
     def _push(sends: list[tuple[Lease, TaskSpec]]) -> None:
-        """Send what _pump gave out, outside the lock: a socket write under it made every
-        other thread that submits or settles a task wait for the write (a convoy: in a
-        chunked Executor.map the driver's main thread spent most of each submit there).
+        """Send what _pump gave out, outside the lock: a socket write gives up the GIL, and
+        under the lock every other thread that submits or settles a task queued behind it.
         A send that fails needs nothing here: the lease's close callback requeues or fails
         what it held, this task included."""
         for lease, spec in sends:

@@ -41,8 +41,8 @@ class TaskSpec:
     sent_at: float = 0.0  # when the owner pushed it (monotonic), to learn task durations
 
     def __reduce__(self):
-        # every task crosses a socket twice as a pickle; the dataclass's own state functions
-        # walk fields() on each call, which costs more than the rest of the pickle
+        # every task crosses a socket as a pickle; the dataclass's own state functions walk
+        # fields() on each pickle and unpickle, which cost more than the rest of it
         return (TaskSpec, _spec_values(self))
 
 

@@ -326,8 +326,8 @@ def exit_worker() -> None:
 
 
 def _set_var(env, name: str, value: str) -> None:
-    """Set an environment variable unless it already holds the value: most tasks of a worker
-    ask for what the last one had, and each putenv costs as much as a small task's pickle."""
+    """Set an environment variable unless it already holds the value (most tasks of a worker
+    ask for what the last one had; reading is cheaper than a putenv)."""
     if env.get(name) != value:
         env[name] = value
 
