@@ -31,7 +31,7 @@ from rayx.exceptions import (
 from rayx.object_ref import ObjectRef
 from rayx.ownership import Drops, OwnershipTable
 from rayx.protocol import rayx_pb2 as pb
-from rayx.store_files import KeptMappings, MapCache, write_object
+from rayx.store_files import GrpcStoreCalls, KeptMappings, MapCache, write_object
 from rayx.submitter import TaskSubmitter
 from rayx.task_spec import TaskSpec
 from rayx.timers import Timers
@@ -57,6 +57,7 @@ class CoreClient:
         self.tls = rpc.client_tls(settings)
         self.channel = rpc.channel(node_address, token, self.tls)
         self.node = rpc.node_stub(self.channel)
+        self.node_store = GrpcStoreCalls(self.node)  # a worker swaps in its node socket
         self.head_channel = (self.channel if head_address == node_address
                              else rpc.channel(head_address, token, self.tls))
         self.head = rpc.head_stub(self.head_channel)
@@ -113,12 +114,12 @@ class CoreClient:
         if so.size <= self.settings.inline_threshold:
             return ("i", so.to_bytes())
         owner_id = owner_id or self.client_id
-        reply = self.node.ReserveObject(pb.ReserveRequest(object_id=oid, size=so.size))
-        if not reply.ok:
+        ok, error, path, reuse = self.node_store.reserve(oid, so.size)
+        if not ok:
             from rayx.exceptions import ObjectStoreFullError
-            raise ObjectStoreFullError(reply.error)
-        write_object(reply.path, so, reply.reuse, self.kept)
-        self.node.SealObject(pb.SealRequest(object_id=oid, size=so.size, owner_id=owner_id))
+            raise ObjectStoreFullError(error)
+        write_object(path, so, reuse, self.kept)
+        self.node_store.seal(oid, so.size, owner_id)
         return ("s", self.node_id, self.node_address, so.size)
 
     def release_ref_soon(self, oid: str) -> None:

@@ -21,7 +21,7 @@ import time
 
 import psutil
 
-from rayx import ids, rpc
+from rayx import ids, rpc, wire
 from rayx.exceptions import ObjectLostError, ObjectStoreFullError
 from rayx.object_store import ObjectStore
 from rayx.protocol import rayx_pb2 as pb
@@ -63,7 +63,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
             "gpu_devices": gpu_devices or [str(i) for i in range(num_gpus)],
             "forward_output": forward_output,
             "preimport": preimport,  # None: the fork server's default
-        }, self._on_worker_death, stdout=stdout)
+        }, self._on_worker_death, stdout=stdout, on_store=self._on_worker_store)
         self._watcher = threading.Thread(target=self._watch_loop, name="rayx-node-watch",
                                          daemon=True)
         self.transfer = TransferServer(address.rsplit(":", 1)[0], token, self._serve_copy)
@@ -270,15 +270,37 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
     # ------------------------------------------------------------------ objects
 
     def ReserveObject(self, request, context):
-        try:
-            path, reuse = self.store.reserve(request.object_id, request.size, reuse=True)
-        except ObjectStoreFullError as exc:
-            return pb.ReserveReply(ok=False, error=str(exc))
-        return pb.ReserveReply(ok=True, path=path, reuse=reuse)
+        ok, error, path, reuse = self._reserve(request.object_id, request.size)
+        return pb.ReserveReply(ok=ok, error=error, path=path, reuse=reuse)
 
     def SealObject(self, request, context):
         self.store.seal(request.object_id, request.size, request.owner_id)
         return pb.Empty()
+
+    def _reserve(self, oid: str, size: int) -> tuple[bool, str, str, str]:
+        try:
+            path, reuse = self.store.reserve(oid, size, reuse=True)
+        except ObjectStoreFullError as exc:
+            return False, str(exc), "", ""
+        return True, "", path, reuse
+
+    def _on_worker_store(self, conn: wire.Connection, msg) -> None:
+        """A worker's reserve or seal over its node socket (store_files.SocketStoreCalls),
+        answered on the same socket; the gRPC methods above serve drivers."""
+        kind, n = msg[0], msg[1]
+        try:
+            if kind == "reserve":
+                answer = ("ok", self._reserve(msg[2], msg[3]))
+            else:
+                self.store.seal(msg[2], msg[3], msg[4])
+                answer = ("ok", None)
+        except Exception as exc:  # the worker's call fails, not this node's socket
+            log.exception("store %s of object %s failed", kind, msg[2])
+            answer = ("error", f"{type(exc).__name__}: {exc}")
+        try:
+            conn.send(("store_reply", n, answer))
+        except ConnectionError:
+            pass  # the worker is gone; its death releases what it reserved
 
     def FreeObjects(self, request, context):
         self._free(list(request.object_ids))

@@ -2,6 +2,7 @@
 
     writer --ReserveObject--> store makes room (spills the oldest sealed objects to disk)
     writer --writes the file under store_dir--> --SealObject--> store records size and owner
+    (a worker's ReserveObject and SealObject travel over its node socket, not gRPC)
     reader --maps store_dir/<id>; if it is missing--> --RestoreObject--> store copies it back
     owner  --FreeObjects--> store unlinks, or keeps a large file as a free file for a writer
     writer --ReserveObject--> may be handed a free file: it rewrites it, then renames it

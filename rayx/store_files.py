@@ -21,9 +21,12 @@ import os
 import threading
 from collections import OrderedDict
 
+from rayx.exceptions import RayxSystemError
+from rayx.protocol import rayx_pb2 as pb
 from rayx.serialization import SerializedObject
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
+NODE_CALL_TIMEOUT = 60.0  # seconds a worker waits for its node to answer a store call
 KEPT_MAPPINGS = 16  # the most free-file mappings a writer keeps
 
 
@@ -275,3 +278,66 @@ def map_object(path: str) -> tuple[memoryview, int]:
     finally:
         os.close(fd)
     return memoryview(mm), st.st_ino
+
+
+class GrpcStoreCalls:
+    """Reserve and seal store objects through the node's gRPC service (drivers)."""
+
+    def __init__(self, stub):
+        self.stub = stub
+
+    def reserve(self, oid: str, size: int) -> tuple[bool, str, str, str]:
+        """(ok, error, path to write, free file to rewrite or "")."""
+        reply = self.stub.ReserveObject(pb.ReserveRequest(object_id=oid, size=size))
+        return reply.ok, reply.error, reply.path, reply.reuse
+
+    def seal(self, oid: str, size: int, owner_id: str) -> None:
+        self.stub.SealObject(pb.SealRequest(object_id=oid, size=size, owner_id=owner_id))
+
+
+class SocketStoreCalls:
+    """Reserve and seal through a worker's framed socket to its node: a unary gRPC call
+    cost a busy worker over a millisecond, two per stored result.
+
+        ("reserve", n, oid, size) / ("seal", n, oid, size, owner) --> node
+        ("store_reply", n, ("ok", value) | ("error", text)) <-- node; reply() wakes the caller
+    """
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._waiting: dict[int, list] = {}  # request number -> [Event, reply]
+
+    def reserve(self, oid: str, size: int) -> tuple[bool, str, str, str]:
+        return self._call("reserve", oid, size)
+
+    def seal(self, oid: str, size: int, owner_id: str) -> None:
+        self._call("seal", oid, size, owner_id)
+
+    def reply(self, n: int, answer: tuple) -> None:
+        """The node answered request n (called on the socket's reader thread)."""
+        with self._lock:
+            slot = self._waiting.get(n)
+        if slot is not None:
+            slot[1] = answer
+            slot[0].set()
+
+    def _call(self, kind: str, *args):
+        slot = [threading.Event(), None]
+        with self._lock:
+            self._seq += 1
+            n = self._seq
+            self._waiting[n] = slot
+        try:
+            self.conn.send((kind, n, *args))
+            if not slot[0].wait(NODE_CALL_TIMEOUT):
+                raise ConnectionError(f"the node did not answer a {kind} of object {args[0]} "
+                                      f"within {NODE_CALL_TIMEOUT:.0f} s")
+        finally:
+            with self._lock:
+                self._waiting.pop(n, None)
+        status, value = slot[1]
+        if status != "ok":
+            raise RayxSystemError(f"the node could not {kind} object {args[0]}: {value}")
+        return value

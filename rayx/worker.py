@@ -25,6 +25,7 @@ from rayx.config import load_settings
 from rayx.core import CoreClient, listen_address
 from rayx.exceptions import RayxTaskError, TaskCancelledError
 from rayx.protocol import rayx_pb2 as pb
+from rayx.store_files import SocketStoreCalls
 from rayx.task_spec import ActorCreation, TaskSpec
 
 # The id of the task or actor call running in this thread or asyncio task (threaded and async
@@ -70,6 +71,7 @@ class Worker:
         self.nm = wire.connect(f"unix:{config['nm_socket']}", config["token"],
                                self._on_nm_message,
                                lambda c: exit_worker())
+        self.core.node_store = SocketStoreCalls(self.nm)
         signal.signal(signal.SIGUSR1, self._on_cancel_signal)
         self.nm.send(("register", worker_id, os.getpid(), self.listener.address))
 
@@ -87,7 +89,9 @@ class Worker:
             self.core.handle_request(conn, msg)
 
     def _on_nm_message(self, conn: wire.Connection, msg) -> None:
-        if msg[0] == "create_actor":
+        if msg[0] == "store_reply":
+            self.core.node_store.reply(msg[1], msg[2])
+        elif msg[0] == "create_actor":
             self.tasks.put((conn, msg))
         elif msg[0] == "exit":
             exit_worker()

@@ -1,6 +1,7 @@
 """The node's workers: started through the fork server, registered, leased, watched.
 
     node manager --worker id--> fork server --fork--> worker --("register")--> nm socket
+    worker --("reserve"|"seal", n, ...)--> nm socket --("store_reply", n, reply)--> worker
     worker connection closes --> on_death(record): the node releases what it held
 
 A worker record's `state` is one of: starting, idle, leased, actor.
@@ -44,9 +45,11 @@ class WorkerRecord:
 class WorkerPool:
     """Starts workers from the fork server and tracks them by id."""
 
-    def __init__(self, session_dir: str, worker_config: dict, on_death, stdout=None):
+    def __init__(self, session_dir: str, worker_config: dict, on_death, stdout=None,
+                 on_store=None):
         self.session_dir = session_dir
         self.on_death = on_death
+        self.on_store = on_store  # (conn, msg) for a worker's "reserve" and "seal" calls
         self.workers: dict[str, WorkerRecord] = {}
         self.idle: list[WorkerRecord] = []
         self.lock = threading.Lock()
@@ -97,6 +100,8 @@ class WorkerPool:
             rec = conn.peer
             rec.reply = msg[2]
             rec.ready.set()
+        elif kind in ("reserve", "seal") and self.on_store is not None:
+            self.on_store(conn, msg)
 
     def _on_closed(self, conn: wire.Connection) -> None:
         rec = conn.peer

@@ -6,6 +6,7 @@ import gc
 import os
 
 import numpy as np
+import psutil
 import pytest
 
 import rayx
@@ -275,3 +276,38 @@ def test_a_free_file_whose_writer_never_sealed_does_not_outlive_its_object(tmp_p
         assert os.listdir(store.store_dir) == ["d"] and store.used == size
     finally:
         store.destroy()
+
+
+def test_a_workers_store_calls_go_over_its_node_socket_and_fail_cleanly(rayx_cluster):
+    """Workers reserve and seal through their node socket, not gRPC. A call the node cannot
+    serve fails that call with a clear error; the worker and its socket carry on."""
+
+    @rayx.remote
+    def probe():
+        from rayx import api
+        from rayx.exceptions import RayxSystemError
+
+        store = api.core().node_store
+        try:
+            store.reserve("0" * 22, "not a size")  # the node's store raises TypeError
+        except RayxSystemError as exc:
+            return type(store).__name__, str(exc), os.getpid()
+        return type(store).__name__, "", os.getpid()
+
+    @rayx.remote
+    def big(n):
+        return np.full(2_000_000, n), os.getpid()  # 16 MB: a store object
+
+    kind, error, pid = rayx.get(probe.remote())
+    assert kind == "SocketStoreCalls"
+    assert "could not reserve" in error and "TypeError" in error
+    assert psutil.pid_exists(pid)
+    arrays = rayx.get([big.remote(i) for i in range(4)])
+    assert [int(a[-1]) for a, _ in arrays] == [0, 1, 2, 3]
+
+    @rayx.remote
+    def too_big():
+        return np.zeros(300 * 1024 * 1024 // 8 + 1024)
+
+    with pytest.raises(ObjectStoreFullError):
+        rayx.get(too_big.remote())
