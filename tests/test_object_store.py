@@ -278,9 +278,10 @@ def test_a_free_file_whose_writer_never_sealed_does_not_outlive_its_object(tmp_p
         store.destroy()
 
 
-def test_a_workers_store_calls_go_over_its_node_socket_and_fail_cleanly(rayx_cluster):
+def test_a_workers_store_calls_go_over_its_node_socket_and_fail_cleanly(fresh_cluster):
     """Workers reserve and seal through their node socket, not gRPC. A call the node cannot
     serve fails that call with a clear error; the worker and its socket carry on."""
+    fresh_cluster(num_cpus=2, object_store_memory=128 * 1024 * 1024)
 
     @rayx.remote
     def probe():
@@ -307,7 +308,7 @@ def test_a_workers_store_calls_go_over_its_node_socket_and_fail_cleanly(rayx_clu
 
     @rayx.remote
     def too_big():
-        return np.zeros(300 * 1024 * 1024 // 8 + 1024)
+        return np.zeros(129 * 1024 * 1024 // 8)  # more than the whole store
 
     with pytest.raises(ObjectStoreFullError):
         rayx.get(too_big.remote())
