@@ -300,7 +300,7 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         try:
             conn.send(("store_reply", n, answer))
         except ConnectionError:
-            pass  # the worker is gone; its death releases what it reserved
+            pass  # the worker is gone: nothing waits for this answer
 
     def FreeObjects(self, request, context):
         self._free(list(request.object_ids))

@@ -1,6 +1,7 @@
 """A worker process: runs tasks pushed by owners, or hosts exactly one actor.
 
-    fork server --fork--> main() --register--> node manager (framed socket: liveness, commands)
+    fork server --fork--> main() --register--> node manager (framed socket: liveness, commands,
+                                               and the reserve/seal of each stored result)
     owners --("task"|"actor_call"|"cancel"|"get_object")--> listener --> task queue
     main thread: take from queue -> resolve args -> run -> store results -> ("done", ...) to owner
 
