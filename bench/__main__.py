@@ -1,7 +1,8 @@
 """`python -m bench [--quick] [--only NAME ...] [--systems rayx,ray] [--markdown FILE]`.
 
 Runs every workload (or the chosen ones) on every installed system, each case in a fresh
-process, one at a time, and prints the table. See docs/performance.md for the latest one.
+process that measures alone (bench/pipeline.py), and prints the table. See
+docs/performance.md for the latest one.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import sys
 import tempfile
 import time
 
-from bench import harness, report
+from bench import harness, pipeline, report
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smaller sizes, fewer rounds, one pass (about two minutes on 2 "
-                         "cores without Ray, 3.5 with it: Ray starts afresh per workload)")
+                    help="smaller sizes, fewer rounds, one pass (about three minutes on 2 "
+                         "cores with every peer, under two without Ray: it starts afresh "
+                         "for each workload)")
     ap.add_argument("--only", action="append", default=[], metavar="NAME",
                     help="run only this workload (name or prefix; repeatable or a,b)")
     ap.add_argument("--systems", default="", metavar="A,B",
@@ -36,19 +38,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="run nothing: print (and --markdown) the table of an earlier --json FILE")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                     help="before each case, wait up to this long for the CPUs to be idle "
-                         "(for shared machines)")
+                         "(for shared machines; each case then starts after the last one "
+                         "has exited, not beside its shutdown)")
     ap.add_argument("--list", action="store_true", help="list workloads and systems, then exit")
     return ap.parse_args(argv)
 
 
-def wait_quiet(limit: float, busy_percent: float = 15.0) -> float:
-    """Wait until the machine's CPUs are idle for a second (at most `limit` s); seconds waited."""
+def wait_quiet(limit: float, busy_percent: float = 15.0) -> None:
+    """Wait until the machine's CPUs are idle for a second (at most `limit` s)."""
     import psutil
 
     t0 = time.monotonic()
     while psutil.cpu_percent(interval=1.0) > busy_percent and time.monotonic() - t0 < limit:
         pass
-    return time.monotonic() - t0
+    if time.monotonic() - t0 > 2:
+        print(f"(waited {time.monotonic() - t0:.0f} s for idle CPUs)", file=sys.stderr)
 
 
 def reuse(path: str, workloads: list, chosen: list, results: list) -> tuple:
@@ -105,26 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(len(w.cases) * w.passes_for(args.quick) for w in chosen)
     print(f"{total} cases; logs in {log_dir}; load average {os.getloadavg()[0]:.2f}",
           file=sys.stderr)
-    results = []
+    jobs = [pipeline.Job(w, case, args.quick, log_dir, w.passes_for(args.quick), n)
+            for w in chosen for n in range(1, w.passes_for(args.quick) + 1) for case in w.cases]
+    before = (lambda: wait_quiet(args.wait_quiet)) if args.wait_quiet else None
+    pooled: dict[tuple[str, str], harness.CaseResult] = {}
     t0 = time.perf_counter()
-    i = 0
-    for w in chosen:
-        passes = w.passes_for(args.quick)
-        pooled: dict[str, harness.CaseResult] = {}
-        for n in range(passes):
-            for case in w.cases:
-                i += 1
-                waited = wait_quiet(args.wait_quiet) if args.wait_quiet else 0
-                note = f" (waited {waited:.0f} s for idle CPUs)" if waited > 2 else ""
-                which = f" pass {n + 1}/{passes}" if passes > 1 else ""
-                print(f"[{i}/{total}] {w.name} / {case.system}{which}{note} ...", end=" ",
-                      file=sys.stderr, flush=True)
-                res = harness.run_case(w, case, args.quick, log_dir, passes)
-                pooled[case.system] = harness.merge(pooled.get(case.system), res)
-                msg = res.status if res.status == "ok" else f"{res.status}: {res.message[:200]}"
-                leak = f", {len(res.leaks)} leak(s)" if res.leaks else ""
-                print(f"{msg} ({res.wall:.1f} s{leak})", file=sys.stderr, flush=True)
-        results.extend(pooled.values())
+    # with --wait-quiet each case starts when the last one has exited and the CPUs are idle;
+    # otherwise it starts beside the last one's shutdown (its measured rounds wait for its end)
+    results = pipeline.run_jobs(jobs, overlap=not args.wait_quiet, before_start=before)
+    for i, (job, res) in enumerate(zip(jobs, results, strict=True), 1):
+        which = f" pass {job.pass_no}/{job.passes}" if job.passes > 1 else ""
+        msg = res.status if res.status == "ok" else f"{res.status}: {res.message[:200]}"
+        leak = f", {len(res.leaks)} leak(s)" if res.leaks else ""
+        print(f"[{i}/{len(jobs)}] {job.workload.name} / {job.case.system}{which}: {msg} "
+              f"({res.wall:.1f} s in its process{leak}; {time.perf_counter() - t0:.0f} s "
+              "into the run)", file=sys.stderr, flush=True)
+        key = (job.workload.name, job.case.system)
+        pooled[key] = harness.merge(pooled.get(key), res)
+    results = list(pooled.values())
     print(f"done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     shown, reused = chosen, ""
     if args.reuse:

@@ -15,21 +15,37 @@ import sys
 import traceback
 
 from bench import procs
-from bench.harness import Runner, Skip
+from bench.harness import TURN, Runner, Skip
+
+
+def preload(modules: list[str]) -> None:
+    """Import the case's packages before its system starts, beside the cases before it."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the case itself reports what is missing
+            pass
 
 
 def main(spec: dict) -> dict:
     procs.become_subreaper()
     runner = Runner(spec["params"])
+    TURN.attach(spec.get("down_fd"), spec.get("up_fd"))
     result: dict = {"status": "ok"}
     try:
         func = getattr(importlib.import_module(spec["module"]), spec["func"])
+        if not spec.get("fresh"):  # a fresh run's clock starts before its imports
+            preload(spec.get("preload", []))
+        TURN.ready()
+        if spec.get("fresh"):  # the whole run is the measurement: nothing may run beside it
+            TURN.wait()
         func(runner)
     except Skip as exc:
         result = {"status": "skipped", "message": str(exc)}
     except BaseException as exc:  # report, and still check for leaks
         traceback.print_exc()
         result = {"status": "error", "message": f"{type(exc).__name__}: {exc}"[:500]}
+    TURN.end()  # for cases whose system has no shutdown that says so
     runner.note_processes()  # the lingering helpers too: the harness checks them after exit
     left = procs.wait_gone(timeout=15)
     leaks = [procs.describe(p) for p in left]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.harness import NCPU, Case, Metric, Runner, Target, Workload, timed
+from bench.harness import NCPU, Case, Metric, Runner, Target, Workload, measurements_over, timed
 from bench.payloads import square
 from bench.systems import dask_local, loky_executor, process_pool, ray_local, rayx_local
 
@@ -71,6 +71,7 @@ def ray_map(r: Runner) -> None:
             _measure(r, lambda items: pool.map(square, items, chunksize=1),
                      lambda items, c: pool.map(square, items, chunksize=c))
         finally:
+            measurements_over()
             pool.terminate()
 
 

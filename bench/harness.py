@@ -1,23 +1,18 @@
-"""The common harness: workloads, the runner each case gets, and one fresh process per case.
+"""The common harness: workloads, and the runner each case gets in its own process.
 
 A *workload* (say `noop_tasks`) has metrics and one *case* per system (rayx, ray, dask, ...).
-Each case runs in its own new Python process (`python -m bench.child`), which starts the
-system, warms up, repeats, shuts the system down and checks that no process it spawned is left.
-Workloads marked `fresh` (start-up) run every repetition in a new process instead.
+Each case runs in its own new Python process (`python -m bench.child`, started by
+bench/pipeline.py), which starts the system, warms up, waits for its turn, repeats, shuts the
+system down and checks that no process it spawned is left. Workloads marked `fresh`
+(start-up) run every repetition in a new process instead.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
-import shutil
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,6 +106,69 @@ def all_workloads() -> list[Workload]:
 # ---------------------------------------------------------------- child side
 
 
+# the turn-taking of bench/pipeline.py, one byte each way
+READY, START, TURN_GIVEN, OVER = b"r", b"s", b"t", b"o"
+
+
+class Turn:
+    """A case process's side of the turn-taking in bench/pipeline.py: it starts its system
+    when told, measures only in its turn, and says when its imports are done and when its
+    measurements are over. Outside a harness-started process (no pipes) all are no-ops."""
+
+    def __init__(self) -> None:
+        self._down: int | None = None
+        self._up: int | None = None
+        self.over = False
+
+    def attach(self, down_fd: int | None, up_fd: int | None) -> None:
+        self._down, self._up = down_fd, up_fd
+        for fd in (down_fd, up_fd):
+            if fd is not None:  # not passed on to the system's own processes
+                os.set_inheritable(fd, False)
+
+    def ready(self) -> None:
+        """Say the imports are done, and wait for the word to start the system."""
+        self._send(READY)
+        self._receive()
+
+    def wait(self) -> None:
+        """Block until the process before this one has exited and been checked."""
+        if self.over:
+            raise RuntimeError("a measurement after measurements_over(): the next case's "
+                               "process may be running beside it")
+        self._receive()
+        if self._down is not None:
+            os.close(self._down)
+            self._down = None
+
+    def end(self) -> None:
+        """Tell the harness this process will measure nothing more (idempotent)."""
+        self.over = True
+        self._send(OVER)
+        if self._up is not None:
+            os.close(self._up)
+            self._up = None
+
+    def _send(self, what: bytes) -> None:
+        if self._up is not None:
+            try:
+                os.write(self._up, what)
+            except BrokenPipeError:
+                pass
+
+    def _receive(self) -> None:
+        if self._down is not None:
+            os.read(self._down, 1)  # the byte expected, or end of file if the harness is gone
+
+
+TURN = Turn()
+
+
+def measurements_over() -> None:
+    """Called as a case's system begins to shut down: the next case may start its process."""
+    TURN.end()
+
+
 class Runner:
     """What a case function gets: its parameters, and ways to time and to record."""
 
@@ -129,9 +187,11 @@ class Runner:
     def measure(self, once: Callable[[], dict[str, float]], warmup: int | None = None,
                 repeats: int | None = None) -> None:
         """Run `once` warmup times (discarded), then `repeats` times, recording what it returns.
-        `warmup` and `repeats` override the workload's counts for this measurement alone."""
+        `warmup` and `repeats` override the workload's counts for this measurement alone.
+        The warm-up may run beside the last case's shutdown; the measured rounds wait their turn."""
         for _ in range(self.warmup if warmup is None else warmup):
             once()
+        TURN.wait()
         for _ in range(self.repeats if repeats is None else repeats):
             for key, value in once().items():
                 self.record(key, value)
@@ -139,12 +199,14 @@ class Runner:
 
     def peak_memory(self, fn: Callable[[], object], key: str) -> None:
         """Run `fn` once while sampling whole-system memory; record the peak in MB."""
+        TURN.wait()
         with procs.PeakSampler(self.shm) as sampler:
             fn()
         self.seen |= sampler.seen
         self.record(key, sampler.peak / procs.MB)
 
     def memory(self) -> dict:
+        TURN.wait()
         self.note_processes()
         return procs.tree_memory(self.shm)
 
@@ -181,102 +243,6 @@ def missing_requirement(case: Case) -> str | None:
         except (ImportError, ValueError):
             return f"{name} is not importable"
     return None
-
-
-def _run_child(workload: Workload, case: Case, params: dict, log) -> dict:
-    with tempfile.TemporaryDirectory(prefix="rayx-bench-") as tmp:
-        out = os.path.join(tmp, "result.json")
-        spec = {"module": workload.module, "func": case.func, "params": params, "out": out,
-                "strict_shm": case.system == "rayx"}
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-        env.setdefault("RAY_DEDUP_LOGS", "0")
-        proc = subprocess.Popen([sys.executable, "-m", "bench.child", json.dumps(spec)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=params["timeout"])
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the child's own process group
-            proc.wait()
-            return {"status": "error", "message": f"timed out after {params['timeout']} s"}
-        try:
-            with open(out) as f:
-                result = json.load(f)
-        except (OSError, ValueError):
-            return {"status": "error", "message": f"child exited with {proc.returncode}"}
-    seen = {(pid, created) for pid, created in result.pop("seen", [])}
-    stragglers = procs.still_alive(seen, grace=5.0)
-    if stragglers:  # outlived the child process itself
-        result.setdefault("leaks", []).extend(
-            "after exit: " + procs.describe(p) for p in stragglers)
-        procs.kill_all(stragglers)
-    deadline = time.monotonic() + 5.0
-    shm_left = [p for p in result.pop("shm_left", []) if p.startswith("/dev/shm/")]
-    while shm_left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        shm_left = [p for p in shm_left if os.path.exists(p)]
-    for path in shm_left:  # files this case's system made, still there after its driver exited
-        result.setdefault("leaks", []).append(f"shared memory after exit: {path}")
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
-    return result
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def run_case(workload: Workload, case: Case, quick: bool, log_dir: str,
-             passes: int = 1) -> CaseResult:
-    """One case in a fresh process; with `passes` > 1, one pass of it: its share of the
-    rounds, after the warm-up (the log is appended to)."""
-    res = CaseResult(workload.name, case.system, "ok")
-    why = missing_requirement(case)
-    if why:
-        res.status, res.message = "skipped", why
-        return res
-    params = workload.params(quick)
-    if passes > 1:
-        params["repeats"] = max(1, -(-int(params["repeats"]) // passes))
-    log_path = os.path.join(log_dir, f"{workload.name}.{case.system}.log")
-    t0 = time.perf_counter()
-    with open(log_path, "a" if passes > 1 else "w") as log:
-        if workload.fresh:
-            runs = params["warmup"] + params["repeats"]
-            child_params = dict(params, warmup=0, repeats=1)
-            outs = []
-            for _ in range(runs):
-                outs.append(_run_child(workload, case, child_params, log))
-                if outs[-1].get("status") != "ok":
-                    break
-            merged: dict = {"status": "ok", "metrics": {}, "leaks": [], "info": {}}
-            for o in outs:
-                merged["leaks"] += o.get("leaks", [])
-                if o.get("status") != "ok":
-                    merged.update(status=o["status"], message=o.get("message", ""))
-            for o in outs[params["warmup"]:]:
-                merged["info"].update(o.get("info", {}))
-                for k, v in o.get("metrics", {}).items():
-                    merged["metrics"].setdefault(k, []).extend(v)
-            out = merged
-        else:
-            out = _run_child(workload, case, params, log)
-    res.wall = time.perf_counter() - t0
-    res.status = out.get("status", "error")
-    res.metrics = out.get("metrics", {})
-    res.message = out.get("message", "")
-    res.leaks = out.get("leaks", [])
-    res.info = out.get("info", {})
-    if res.status == "error":
-        res.message = (res.message + "\n" + _tail(log_path)).strip()
-    return res
 
 
 def merge(into: CaseResult | None, more: CaseResult) -> CaseResult:

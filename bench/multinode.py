@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 from bench import limits
-from bench.harness import Case, Metric, Runner, Target, Workload, timed
+from bench.harness import Case, Metric, Runner, Target, Workload, measurements_over, timed
 from bench.payloads import make_array, noop
 
 GB = 1e9  # bytes
@@ -75,6 +75,7 @@ def rayx_multinode(r: Runner) -> None:
         r.shm = rayx_store_globs()
         _native(r, rayx, lambda ref: rayx.wait([ref], timeout=120))
     finally:
+        measurements_over()
         cluster.shutdown()
 
 
@@ -90,8 +91,10 @@ def ray_multinode(r: Runner) -> None:
         try:
             _native(r, ray, lambda ref: ray.wait([ref], timeout=120, fetch_local=False))
         finally:
+            measurements_over()
             ray.shutdown()
     finally:
+        measurements_over()
         cluster.shutdown()
 
 

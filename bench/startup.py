@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from bench.harness import NCPU, Case, Metric, Runner, Target, Workload
+from bench.harness import NCPU, Case, Metric, Runner, Target, Workload, measurements_over
 from bench.payloads import one
 
 MB = 1024 * 1024
@@ -34,6 +34,7 @@ def rayx_startup(r: Runner) -> None:
         r.shm = rayx_store_globs()
         _finish(r, t0)
     finally:
+        measurements_over()
         rayx.shutdown()
 
 
@@ -46,6 +47,7 @@ def ray_startup(r: Runner) -> None:
         ray.get(ray.remote(one).remote())
         _finish(r, t0)
     finally:
+        measurements_over()
         ray.shutdown()
 
 

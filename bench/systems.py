@@ -1,7 +1,8 @@
 """Starting and stopping each system the same way in every workload.
 
 Every system gets one worker per CPU of this machine. Each helper is a context manager that
-shuts its system down on the way out, whatever happened inside.
+shuts its system down on the way out, whatever happened inside, and first says the case's
+measurements are over (harness.measurements_over), so the next case's process may start.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from bench.harness import NCPU, Runner, Skip
+from bench.harness import NCPU, Runner, Skip, measurements_over
 
 
 def rayx_store_globs() -> list[str]:
@@ -36,6 +37,7 @@ def rayx_local(r: Runner | None = None, **kwargs):
             r.shm = rayx_store_globs()
         yield rayx
     finally:
+        measurements_over()
         rayx.shutdown()
 
 
@@ -47,6 +49,7 @@ def ray_local(**kwargs):
     try:
         yield ray
     finally:
+        measurements_over()
         ray.shutdown()
 
 
@@ -62,8 +65,10 @@ def dask_local(n_workers: int = NCPU):
         try:
             yield client
         finally:
+            measurements_over()
             client.close()
     finally:
+        measurements_over()
         cluster.close()
 
 
@@ -75,6 +80,7 @@ def loky_executor():
     try:
         yield ex
     finally:
+        measurements_over()
         ex.shutdown(wait=True, kill_workers=True)
 
 
@@ -86,6 +92,7 @@ def process_pool():
     try:
         yield ex
     finally:
+        measurements_over()
         ex.shutdown(wait=True, cancel_futures=True)
 
 
@@ -99,6 +106,7 @@ def joblib_loky():
         with joblib.parallel_backend("loky", n_jobs=NCPU):
             yield
     finally:
+        measurements_over()
         get_reusable_executor().shutdown(wait=True, kill_workers=True)
 
 

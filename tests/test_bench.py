@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bench import harness
+from bench import harness, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ def test_quick_round_trip_run_reports_rayx_and_the_pipe_limit(tmp_path):
 def test_a_peer_that_is_not_installed_is_skipped(tmp_path):
     workload = next(w for w in harness.all_workloads() if w.name == "round_trip")
     case = harness.Case("absent", "rayx_round_trip", ("rayx_no_such_peer_module",))
-    res = harness.run_case(workload, case, True, str(tmp_path))
+    res = pipeline.run_case(workload, case, True, str(tmp_path))
     assert res.status == "skipped" and "rayx_no_such_peer_module" in res.message
 
 
@@ -52,10 +52,59 @@ def test_passes_pool_their_rounds_into_one_row(tmp_path):
     case = next(c for c in workload.cases if c.system == "pipe")
     pooled = None
     for _ in range(2):
-        one = harness.run_case(workload, case, False, str(tmp_path), passes=2)
+        one = pipeline.run_case(workload, case, False, str(tmp_path), passes=2)
         assert one.status == "ok", one.message
         assert len(one.metrics["rtt_median"]) == 3
         pooled = harness.merge(pooled, one)
     assert len(pooled.metrics["rtt_median"]) == 6 and pooled.status == "ok"
     failed = harness.CaseResult("round_trip", "pipe", "error", message="boom")
     assert harness.merge(pooled, failed).status == "error"
+
+
+def _probe_jobs(tmp_path, count: int, fresh: bool = False, **params) -> list[pipeline.Job]:
+    full = {"log": str(tmp_path / "notes"), "shutdown": 1.0, "warmup": 0, "repeats": 2,
+            "timeout": 60, **params}
+    workload = harness.Workload("probe", "probe", [], [harness.Case("probe", "probe")],
+                                full=full, fresh=fresh, module="tests.bench_probe")
+    return [pipeline.Job(workload, workload.cases[0], False, str(tmp_path))
+            for _ in range(count)]
+
+
+def _notes(tmp_path) -> list[dict[str, float]]:
+    """Each process's notes (first time of each kind), in the order the processes started."""
+    by_pid: dict[str, dict[str, float]] = {}
+    for line in (tmp_path / "notes").read_text().splitlines():
+        pid, what, when = line.split()
+        by_pid.setdefault(pid, {}).setdefault(what, float(when))
+    return sorted(by_pid.values(), key=lambda n: n["start"])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fresh", [False, True])
+def test_each_case_measures_alone_and_the_next_one_starts_beside_its_shutdown(tmp_path, fresh):
+    """No case starts its system before the last one's measurements are over, and none takes
+    a measured round before the last one has exited; a case (not a fresh-process run) starts
+    while the last one is still shutting down."""
+    results = list(pipeline.run_jobs(_probe_jobs(tmp_path, 3, fresh)))
+    assert [r.status for r in results] == ["ok"] * 3, [r.message for r in results]
+    assert all(r.metrics == {"x": [1.0, 1.0]} for r in results)
+    notes = _notes(tmp_path)
+    assert len(notes) == (6 if fresh else 3)  # a fresh case: a process per round
+    for last, this in zip(notes, notes[1:]):
+        assert this["start"] > last["over"]
+        assert this["round"] > last["exit"]
+        if fresh:  # the whole run is measured: it starts after the last one has gone
+            assert this["start"] > last["exit"]
+        else:
+            assert this["start"] < last["exit"]
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_or_hanging_case_is_reported_and_the_next_one_still_runs(tmp_path):
+    failing = _probe_jobs(tmp_path, 1, fail=True)
+    hanging = _probe_jobs(tmp_path, 1, shutdown=30, timeout=5)
+    fine = _probe_jobs(tmp_path, 1)
+    failed, timed_out, ok = pipeline.run_jobs(failing + hanging + fine)
+    assert failed.status == "error" and "the probe was told to fail" in failed.message
+    assert timed_out.status == "error" and "timed out after 5 s" in timed_out.message
+    assert ok.status == "ok" and ok.metrics == {"x": [1.0, 1.0]}

@@ -1,0 +1,30 @@
+"""A workload for tests/test_bench.py: its case notes when it starts, measures and shuts down,
+so the test can check which of the harness's case processes ran beside which."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from bench.harness import Runner, measurements_over
+
+
+def note(r: Runner, what: str) -> None:
+    with open(r.p["log"], "a") as f:
+        f.write(f"{os.getpid()} {what} {time.time()!r}\n")
+
+
+def probe(r: Runner) -> None:
+    note(r, "start")
+    if r.p.get("fail"):
+        raise ValueError("the probe was told to fail")
+
+    def once() -> dict[str, float]:
+        note(r, "round")
+        return {"x": 1.0}
+
+    r.measure(once)
+    note(r, "over")
+    measurements_over()
+    time.sleep(r.p["shutdown"])  # a slow shutdown, which the next case may start beside
+    note(r, "exit")
