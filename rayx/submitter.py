@@ -41,6 +41,7 @@ class Lease:
     inflight: dict = field(default_factory=dict)
     idle_since: float = 0.0
     last_done: float = 0.0  # when its worker last finished a task (monotonic)
+    return_armed: bool = False  # a _maybe_return timer is pending (at most one per lease)
 
 
 @dataclass(slots=True)
@@ -153,8 +154,8 @@ class TaskSubmitter:
         for lease in sq.leases:
             if not lease.inflight and not lease.idle_since:
                 lease.idle_since = now
-                self.core.timers.call_later(self.core.settings.lease_idle_timeout,
-                                            lambda k=key, le=lease: self._maybe_return(k, le))
+                if not lease.return_armed:
+                    self._arm_return(key, lease, self.core.settings.lease_idle_timeout)
             elif lease.inflight:
                 lease.idle_since = 0.0
         return sends
@@ -336,13 +337,23 @@ class TaskSubmitter:
             sends = self._pump(key, sq)
         self._push(sends)
 
+    def _arm_return(self, key: tuple, lease: Lease, delay: float) -> None:
+        """One pending idle check per lease, not one per time it goes idle: a lease that
+        runs one task at a time goes idle after every task. Lock held."""
+        lease.return_armed = True
+        self.core.timers.call_later(delay, lambda: self._maybe_return(key, lease))
+
     def _maybe_return(self, key: tuple, lease: Lease) -> None:
         with self.lock:
+            lease.return_armed = False
             sq = self.shapes.get(key)
             if (sq is None or lease not in sq.leases or lease.inflight or not lease.idle_since
                     or sq.queue):
-                return
-            if time.monotonic() - lease.idle_since < self.core.settings.lease_idle_timeout * 0.9:
+                return  # busy (its next idle spell arms a new check) or gone
+            idle = time.monotonic() - lease.idle_since
+            timeout = self.core.settings.lease_idle_timeout
+            if idle < timeout * 0.9:  # busy and idle again since the check was armed
+                self._arm_return(key, lease, timeout - idle)
                 return
             sq.leases.remove(lease)
         lease.conn.on_close = None

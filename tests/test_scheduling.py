@@ -26,6 +26,22 @@ def gpu_ids():
     return rayx.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+@rayx.remote
+def same(x):
+    return x
+
+
+def test_a_lease_keeps_one_idle_check_and_goes_back_once_idle(rayx_cluster):
+    """A lease that runs one task at a time goes idle after each one: it holds one pending
+    idle check (not one per task, which cost the timer thread a wake-up per task), and its
+    CPU goes back to the node once it stays idle past lease_idle_timeout."""
+    for i in range(300):
+        assert rayx.get(same.remote(i)) == i
+    pending = len(rayx.api.core().timers._heap)
+    assert pending < 20, f"{pending} timers pending after 300 sequential tasks"
+    wait_for(lambda: rayx.available_resources()["CPU"] == 2, 10, what="the lease returned")
+
+
 def test_cluster_resources_and_nodes(rayx_cluster):
     total = rayx.cluster_resources()
     assert total["CPU"] == 2 and total["GPU"] == 4 and total["custom"] == 2
