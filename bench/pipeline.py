@@ -133,6 +133,10 @@ class Child:
         self._wait_for(harness.READY)
 
     def start(self) -> None:
+        """Let it start its system; its time limit (and its wall time) count from now, not
+        from its spawn: it may have waited idle through a long case before it."""
+        self.t0 = time.perf_counter()
+        self.deadline = time.monotonic() + self.run.params["timeout"]
         self._send(harness.START)
 
     def give_turn(self) -> None:

@@ -21,6 +21,7 @@ def probe(r: Runner) -> None:
 
     def once() -> dict[str, float]:
         note(r, "round")
+        time.sleep(r.p.get("work", 0))
         return {"x": 1.0}
 
     r.measure(once)

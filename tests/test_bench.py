@@ -108,3 +108,14 @@ def test_a_failing_or_hanging_case_is_reported_and_the_next_one_still_runs(tmp_p
     assert failed.status == "error" and "the probe was told to fail" in failed.message
     assert timed_out.status == "error" and "timed out after 5 s" in timed_out.message
     assert ok.status == "ok" and ok.metrics == {"x": [1.0, 1.0]}
+
+
+@pytest.mark.timeout(120)
+def test_a_case_waiting_behind_a_long_one_keeps_its_whole_time_limit(tmp_path):
+    """A case process is spawned early and waits idle while the one before it measures; its
+    time limit counts from its start, so 6 s of waiting do not use up a 4 s limit."""
+    long = _probe_jobs(tmp_path, 1, work=3.0)
+    short = _probe_jobs(tmp_path, 1, timeout=4)
+    first, second = pipeline.run_jobs(long + short)
+    assert first.status == "ok", first.message
+    assert second.status == "ok", second.message
