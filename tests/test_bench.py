@@ -101,11 +101,14 @@ def test_each_case_measures_alone_and_the_next_one_starts_beside_its_shutdown(tm
 
 @pytest.mark.timeout(120)
 def test_a_failing_or_hanging_case_is_reported_and_the_next_one_still_runs(tmp_path):
+    """Including a case that measures after saying its measurements are over."""
     failing = _probe_jobs(tmp_path, 1, fail=True)
+    late = _probe_jobs(tmp_path, 1, late=True)
     hanging = _probe_jobs(tmp_path, 1, shutdown=30, timeout=5)
     fine = _probe_jobs(tmp_path, 1)
-    failed, timed_out, ok = pipeline.run_jobs(failing + hanging + fine)
+    failed, refused, timed_out, ok = pipeline.run_jobs(failing + late + hanging + fine)
     assert failed.status == "error" and "the probe was told to fail" in failed.message
+    assert refused.status == "error" and "after measurements_over()" in refused.message
     assert timed_out.status == "error" and "timed out after 5 s" in timed_out.message
     assert ok.status == "ok" and ok.metrics == {"x": [1.0, 1.0]}
 
