@@ -106,8 +106,8 @@ class Child:
     def __init__(self, run: Run):
         self.run = run
         self.got: set[bytes] = set()  # what it has said so far
-        self.t0 = time.perf_counter()
-        self.deadline = time.monotonic() + run.params["timeout"]
+        self.t0 = time.perf_counter()  # both reset by start(); until then they bound its
+        self.deadline = time.monotonic() + run.params["timeout"]  # interpreter and imports
         self.tmp = tempfile.mkdtemp(prefix="rayx-bench-")
         self.out = os.path.join(self.tmp, "result.json")
         down_r, self._down = os.pipe()
