@@ -125,8 +125,8 @@ def shutdown() -> None:
     if node is not None:
         cluster.stop_node(node)
     if private is not None:
-        import shutil
-        shutil.rmtree(private, ignore_errors=True)
+        from rayx.connect import remove_private_dir
+        remove_private_dir(private)
 
 
 def is_initialized() -> bool:

@@ -62,10 +62,20 @@ def socket_path(session_dir: str, name: str) -> str:
     path = os.path.join(session_dir, "sockets", name)
     if len(path) <= 100:
         return path
-    import hashlib
-    short = f"/tmp/rayx-s-{hashlib.sha1(session_dir.encode()).hexdigest()[:12]}"
+    short = _short_socket_dir(session_dir)
     os.makedirs(short, mode=0o700, exist_ok=True)
     return os.path.join(short, name)
+
+
+def _short_socket_dir(session_dir: str) -> str:
+    import hashlib
+    return f"/tmp/rayx-s-{hashlib.sha1(session_dir.encode()).hexdigest()[:12]}"
+
+
+def remove_short_socket_dir(session_dir: str) -> None:
+    """Remove the short directory socket_path() may have made for this session directory."""
+    import shutil
+    shutil.rmtree(_short_socket_dir(session_dir), ignore_errors=True)
 
 
 def _coerce(kind: str, raw: str):

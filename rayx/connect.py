@@ -13,7 +13,7 @@ import shutil
 import socket
 
 from rayx import ids, rpc
-from rayx.config import Settings
+from rayx.config import Settings, remove_short_socket_dir
 from rayx.core import CoreClient
 from rayx.exceptions import RayxError
 from rayx.protocol import rayx_pb2 as pb
@@ -102,6 +102,12 @@ def connect_driver(address: str, settings: Settings, token: str | None = None
         core = CoreClient(node_address=chosen, head_address=address, token=token,
                           session_dir=private, settings=settings)
     except BaseException:
-        shutil.rmtree(private, ignore_errors=True)
+        remove_private_dir(private)
         raise
     return core, private
+
+
+def remove_private_dir(private: str) -> None:
+    """Remove a connected driver's socket directory (and its short twin, if it has one)."""
+    remove_short_socket_dir(private)
+    shutil.rmtree(private, ignore_errors=True)

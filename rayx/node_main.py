@@ -16,7 +16,7 @@ import sys
 
 from rayx import rpc, wire
 from rayx.cluster import ready_path
-from rayx.config import load_settings, socket_path
+from rayx.config import load_settings, remove_short_socket_dir
 from rayx.head import HeadService
 from rayx.node import NodeManager
 from rayx.object_store import ObjectStore
@@ -78,14 +78,7 @@ def run(config: dict) -> None:
             head.stop()
         server.stop(0.5).wait(2)
         _remove_ready(session_dir, node_id)
-        _remove_short_socket_dir(session_dir)
-
-
-def _remove_short_socket_dir(session_dir: str) -> None:
-    short = os.path.dirname(socket_path(session_dir, "x"))
-    if not short.startswith(session_dir):
-        import shutil
-        shutil.rmtree(short, ignore_errors=True)
+        remove_short_socket_dir(session_dir)
 
 
 def _write_ready(session_dir: str, node_id: str, info: dict) -> None:

@@ -186,6 +186,15 @@ def parse_address(address: str) -> tuple[int, object]:
     raise ValueError(f"bad socket address {address!r}: expected unix:PATH or tcp:HOST:PORT")
 
 
+def remove_socket_file(address: str) -> None:
+    """Unlink the file of a Unix socket address (a TCP address has none)."""
+    if address.startswith("unix:"):
+        try:
+            os.unlink(address[5:])
+        except FileNotFoundError:
+            pass
+
+
 class Connection:
     """One framed, bidirectional socket with a reader thread."""
 
@@ -380,11 +389,7 @@ class Listener:
             pass
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(2)
-        if family == socket.AF_UNIX:
-            try:
-                os.unlink(sockaddr)
-            except FileNotFoundError:
-                pass
+        remove_socket_file(self.address)
 
     def _closed(self, conn: Connection) -> None:
         with self._lock:

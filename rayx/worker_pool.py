@@ -115,6 +115,7 @@ class WorkerPool:
             self.idle_cond.notify_all()
             if rec.pid:  # its group had SIGTERM from the worker or from kill()
                 self._ending_groups.setdefault(rec.pid, time.monotonic() + GROUP_GRACE)
+        wire.remove_socket_file(rec.address)  # a worker ends by os._exit or a signal
         rec.ready.set()
         if not self._stopped:
             self.on_death(rec)
@@ -183,6 +184,7 @@ class WorkerPool:
                 _signal_group(pgid, signal.SIGKILL)
         for rec in recs:  # while the fork server lives, it reaps them: no zombies left
             _wait_gone(rec.pid, 2.0)
+            wire.remove_socket_file(rec.address)
         try:
             self.fork_server.stdin.close()
         except OSError:

@@ -7,6 +7,7 @@ and objects across, then stops everything and removes the namespaces.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -43,6 +44,7 @@ def test_help_on_every_command(tmp_path):
 
 def test_start_status_submit_stop_on_this_host(tmp_path):
     env = _env(tmp_path)
+    short_dirs = set(glob.glob("/tmp/rayx-s-*"))  # sockets of long session paths go there
     started = _rayx(["start", "--head", "--port", "0", "--num-cpus", "1",
                      "--resources", '{"tag": 1}'], env)
     try:
@@ -75,6 +77,8 @@ def test_start_status_submit_stop_on_this_host(tmp_path):
         stopped = _rayx(["stop"], env)
     assert "stopped 2" in stopped.stdout
     wait_for(lambda: not rayx_processes(str(tmp_path)), 15, what="rayx stop to end every node")
+    assert not [d for d in os.listdir(tmp_path) if d.startswith("driver_")]
+    assert set(glob.glob("/tmp/rayx-s-*")) <= short_dirs
 
 
 def test_start_block_stays_in_the_foreground_until_stop(tmp_path):

@@ -51,11 +51,14 @@ def test_shutdown_leaves_no_process_or_segment(fresh_cluster):
     assert len(procs) >= 3  # node, fork server, workers
     store = rayx.nodes()[0]["StoreDir"]
     assert os.listdir(store)
+    sockets = os.path.join(info.session_dir, "sockets")
+    assert any(name.startswith("w-") for name in os.listdir(sockets))
     del ref
     rayx.shutdown()
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                              for p in procs), 10, what="cluster processes to exit")
     assert not os.path.exists(store)
+    assert os.listdir(sockets) == []  # the session's logs stay; its socket files go
 
 
 def test_workers_are_forked_from_the_template_process(fresh_cluster):
@@ -147,6 +150,19 @@ def test_processes_a_task_started_end_when_its_worker_retires(fresh_cluster):
     wait_for(lambda: all(_gone(pid) for pid in out["children"]), 10,
              what="the children of a retired worker to end")
     assert rayx.get(rayx.remote(lambda: 1).remote()) == 1  # the node goes on
+
+
+def _pid_and_worker_id() -> tuple[int, str]:
+    return os.getpid(), rayx.get_runtime_context().get_worker_id()
+
+
+def test_a_worker_that_ends_leaves_no_socket_file(fresh_cluster):
+    info = fresh_cluster(num_cpus=1)
+    pid, worker_id = rayx.get(rayx.remote(max_calls=1)(_pid_and_worker_id).remote())
+    path = os.path.join(info.session_dir, "sockets", f"w-{worker_id}.sock")
+    wait_for(lambda: _gone(pid) and not os.path.exists(path), 10,
+             what="the retired worker to exit and its socket file to go")
+    assert rayx.get(rayx.remote(_pid_and_worker_id).remote())[1] != worker_id
 
 
 class _ChildStarter:
