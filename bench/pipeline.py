@@ -44,6 +44,7 @@ class Run:
     log_path: str
     log_mode: str  # "w" for a case's first process, "a" after it
     fresh: bool
+    job: Job | None = None  # whose failure skips the runs of it not yet started
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Job:
     pass_no: int = 1  # which of the passes this job is
     skipped: str | None = None
     runs: list[Run] = field(default_factory=list)
+    failed: bool = False  # a run of it failed: its runs not yet started are skipped
     warmup_runs: int = 0  # of a fresh case: the first runs, whose figures are dropped
 
     def __post_init__(self) -> None:
@@ -76,7 +78,7 @@ class Job:
         for i in range(count):
             mode = "w" if i == 0 and self.pass_no == 1 else "a"
             self.runs.append(Run(self.workload, self.case, one, log_path, mode,
-                                 self.workload.fresh))
+                                 self.workload.fresh, self))
 
     def result(self, outs: list[dict], wall: float) -> CaseResult:
         """The case's result from its processes' outcomes (the warm-up runs' figures dropped)."""
@@ -209,6 +211,22 @@ class Child:
         return result
 
 
+class NotRun:
+    """A run left out because an earlier run of its case failed: the same calls as a Child,
+    none of which does anything."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def wait_ready(self) -> None:
+        pass
+
+    start = give_turn = wait_over = kill = wait_ready
+
+    def finish(self) -> tuple[dict, float]:
+        return {"status": "error", "message": "not run: an earlier run of this case failed"}, 0.0
+
+
 def execute(runs: Iterable[Run], overlap: bool = True,
             before_start: Callable[[], None] | None = None) -> Iterator[tuple[dict, float]]:
     """Run each process in turn; yield each one's (outcome, wall time) in order.
@@ -218,18 +236,21 @@ def execute(runs: Iterable[Run], overlap: bool = True,
     once the last one has exited and the next one waits, its imports done. Without, each
     process starts when the last one has exited (`before_start` is called first)."""
     pending = iter(runs)
-    live: list[Child] = []
+    live: list[Child | NotRun] = []
 
-    def spawn() -> Child | None:
+    def spawn() -> Child | NotRun | None:
         run = next(pending, None)
         if run is None:
             return None
+        if run.job is not None and run.job.failed:
+            live.append(NotRun(run))
+            return live[-1]
         if before_start is not None and not overlap:
             before_start()
         live.append(Child(run))
         return live[-1]
 
-    def finish(child: Child) -> tuple[dict, float]:
+    def finish(child: Child | NotRun) -> tuple[dict, float]:
         live.remove(child)
         return child.finish()
 
@@ -264,7 +285,11 @@ def run_jobs(jobs: list[Job], overlap: bool = True,
     """Each job's result, in order, as soon as its last process has been checked."""
     outcomes = execute((run for job in jobs for run in job.runs), overlap, before_start)
     for job in jobs:
-        done = [next(outcomes) for _ in job.runs]
+        done = []
+        for _ in job.runs:
+            done.append(next(outcomes))
+            if done[-1][0].get("status", "error") != "ok":
+                job.failed = True  # runs after the next ones already started are not run
         yield job.result([out for out, _ in done], sum(wall for _, wall in done))
 
 

@@ -114,6 +114,18 @@ def test_a_failing_or_hanging_case_is_reported_and_the_next_one_still_runs(tmp_p
 
 
 @pytest.mark.timeout(120)
+def test_a_fresh_case_that_fails_runs_no_more_processes(tmp_path):
+    """A start-up case runs a process per round; once one fails, those not yet started are
+    left out (the two started beside it still run), and the next case runs as usual."""
+    failing = _probe_jobs(tmp_path, 1, fresh=True, fail=True, repeats=6, shutdown=0)
+    fine = _probe_jobs(tmp_path, 1, fresh=True, shutdown=0)
+    failed, ok = pipeline.run_jobs(failing + fine)
+    assert failed.status == "error" and "the probe was told to fail" in failed.message
+    assert ok.status == "ok" and ok.metrics == {"x": [1.0, 1.0]}
+    assert len(_notes(tmp_path)) <= 3 + 2  # at most three of the six, then the fine case's
+
+
+@pytest.mark.timeout(120)
 def test_a_case_waiting_behind_a_long_one_keeps_its_whole_time_limit(tmp_path):
     """A case process is spawned early and waits idle while the one before it measures; its
     time limit counts from its start, so 6 s of waiting do not use up a 4 s limit."""
