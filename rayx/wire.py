@@ -14,9 +14,11 @@ socket round trip costs a fraction of a Python gRPC unary call (docs/performance
 from __future__ import annotations
 
 import hmac
+import io
 import logging
 import os
 import pickle
+import select
 import socket
 import ssl
 import struct
@@ -195,6 +197,29 @@ def remove_socket_file(address: str) -> None:
             pass
 
 
+class _PolledSocketIO(io.RawIOBase):
+    """A socket's reading side that waits in poll() before each recv. A thread blocked in
+    recv() on a Unix socket is also woken each time the peer reads what this side wrote, only
+    to sleep again; poll() wakes for input alone. Like makefile(), it keeps the socket's file
+    descriptor open until it is closed, whichever thread closes the socket meanwhile."""
+
+    def __init__(self, sock: socket.socket):
+        self._raw = sock.makefile("rb", buffering=0)
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        self._poll.poll()
+        return self._raw.readinto(b)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 class Connection:
     """One framed, bidirectional socket with a reader thread."""
 
@@ -247,7 +272,7 @@ class Connection:
                     self.tls.handshake()          # the accept loop
                 f = _TlsReader(self.tls, self._send_lock)
             else:
-                f = self.sock.makefile("rb", buffering=1 << 16)
+                f = io.BufferedReader(_PolledSocketIO(self.sock), 1 << 16)
             while True:
                 head = f.read(4)
                 if len(head) < 4:

@@ -18,6 +18,8 @@ from rayx.config import load_settings
 
 from .conftest import wait_for
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class _Touch:
     """Unpickling this creates a file: proof that a frame was unpickled."""
@@ -85,6 +87,48 @@ def test_a_peer_with_the_token_is_served():
         assert done.wait(5) and replies == [("pong",)]
         conn.close()
     finally:
+        lst.stop()
+
+
+def _voluntary_switches(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt"))
+
+
+def test_a_reader_wakes_once_per_message_not_when_the_peer_reads(tmp_path):
+    """A thread blocked in recv() on a Unix socket also wakes each time the peer reads what
+    this side wrote; the reader waits in poll(), which wakes for input alone."""
+    import queue
+    import sys
+
+    got: queue.SimpleQueue = queue.SimpleQueue()
+    tids: set[int] = set()
+
+    def handler(conn, msg):
+        tids.add(threading.get_native_id())
+        got.put(msg)
+
+    lst = wire.Listener(f"unix:{tmp_path}/s.sock", "secret", handler).start()
+    echo = ("import sys, threading, time\nfrom rayx import wire\n"  # replies 1 ms after reading
+            "wire.connect(sys.argv[1], 'secret', lambda c, m: (time.sleep(0.001), c.send(m)))\n"
+            "threading.Event().wait()\n")
+    peer = subprocess.Popen([sys.executable, "-c", echo, lst.address],
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    try:
+        wait_for(lambda: lst.connections, 10, what="the echo peer to connect")
+        conn = next(iter(lst.connections))
+        conn.send(0)
+        assert got.get(timeout=10) == 0
+        (tid,) = tids
+        before, n = _voluntary_switches(tid), 300
+        for i in range(1, n + 1):
+            conn.send(i)
+            assert got.get(timeout=10) == i
+        per_message = (_voluntary_switches(tid) - before) / n
+        assert per_message < 1.5, f"the reader slept {per_message:.2f} times per message"
+    finally:
+        peer.kill()
+        peer.wait()
         lst.stop()
 
 
