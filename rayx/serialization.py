@@ -49,6 +49,8 @@ class SerializedObject:
 
     def to_bytes(self) -> bytes:
         """The object as one bytes value, for inline transport."""
+        if not self.buffers:
+            return self.header + self.main
         out = bytearray(self.size)
         self.write_into(memoryview(out))
         return bytes(out)
@@ -58,8 +60,17 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+# types plain pickle handles as cloudpickle does, without cloudpickle's per-call pickler: most
+# task arguments and results are one of these
+_PLAIN = frozenset((type(None), bool, int, float, complex, str, bytes))
+
+
 def serialize(value, *, error: bool = False) -> SerializedObject:
     """Pickle `value`; raise SerializationError naming the value when it cannot be pickled."""
+    if type(value) in _PLAIN:
+        main = pickle.dumps(value, protocol=5)
+        return SerializedObject(_HEAD.pack(MAGIC, FLAG_ERROR if error else 0, 0, len(main)),
+                                main, [], [], _HEAD.size + len(main))
     buffers: list[pickle.PickleBuffer] = []
     try:
         main = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)

@@ -48,6 +48,23 @@ def test_small_values_travel_inline(rayx_cluster):
     assert set(_store_files(rayx_cluster)) == before
 
 
+@pytest.mark.parametrize("value", [None, True, 7, 2**100, 1.5, 1j, "é" * 3, b"x" * 100_000])
+def test_plain_values_take_plain_pickle_and_read_back_the_same(value, monkeypatch):
+    """Built-in scalars, strings and bytes skip cloudpickle's pickler; their bytes are what
+    the general path writes, and errors keep their flag."""
+    import cloudpickle
+
+    from rayx import serialization
+
+    expected = cloudpickle.dumps(value, protocol=5)
+    monkeypatch.setattr(serialization.cloudpickle, "dumps", None)  # not called for these
+    so = serialization.serialize(value)
+    assert so.main == expected and not so.buffers
+    assert serialization.deserialize(so.to_bytes()) == (value, False)
+    flagged = serialization.serialize(value, error=True).to_bytes()
+    assert serialization.deserialize(flagged) == (value, True)
+
+
 def test_large_array_is_a_read_only_zero_copy_view(rayx_cluster):
     arr = np.arange(5_000_000, dtype=np.float64)
     ref = rayx.put(arr)
