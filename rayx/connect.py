@@ -96,7 +96,8 @@ def connect_driver(address: str, settings: Settings, token: str | None = None
         raise RayxError(f"could not reach the cluster at {address}: {exc}") from exc
     local = [n for n in nodes if n.address.rsplit(":", 1)[0] == my_ip]
     chosen = (local or [n for n in nodes if n.address == address] or nodes)[0].address
-    private = os.path.join(settings.temp_dir, f"driver_{ids.random_id(6)}")
+    remove_dead_drivers_dirs(settings.temp_dir)
+    private = os.path.join(settings.temp_dir, f"driver_{os.getpid()}_{ids.random_id(6)}")
     os.makedirs(os.path.join(private, "sockets"), mode=0o700)
     try:
         core = CoreClient(node_address=chosen, head_address=address, token=token,
@@ -105,6 +106,25 @@ def connect_driver(address: str, settings: Settings, token: str | None = None
         remove_private_dir(private)
         raise
     return core, private
+
+
+def remove_dead_drivers_dirs(temp_dir: str) -> None:
+    """Remove the private directories of drivers that ended without shutdown() (killed):
+    each is named driver_<pid>_<id>, and goes once no process has that pid."""
+    try:
+        names = os.listdir(temp_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        parts = name.split("_")
+        if len(parts) != 3 or parts[0] != "driver" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            remove_private_dir(os.path.join(temp_dir, name))
+        except PermissionError:  # another user's live process
+            pass
 
 
 def remove_private_dir(private: str) -> None:

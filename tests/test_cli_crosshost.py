@@ -73,10 +73,19 @@ def test_start_status_submit_stop_on_this_host(tmp_path):
         assert "jobs: 0 running, 1 succeeded, 0 failed" in status.stdout, status.stdout
         job = next(ln for ln in status.stdout.splitlines() if "SUCCEEDED" in ln)
         assert job.strip().startswith("0001 SUCCEEDED") and f"{script} 21" in job, job
+        killed = subprocess.run([sys.executable, "-c", "import os, rayx\n"
+                                 "rayx.init(address='auto'); os.kill(os.getpid(), 9)"],
+                                env=env, capture_output=True, timeout=60)
+        assert killed.returncode == -9, killed.stderr
+        assert [d for d in os.listdir(tmp_path) if d.startswith("driver_")]  # left behind...
+        again = subprocess.run([sys.executable, "-c", "import rayx; rayx.init(address='auto')"],
+                               env=env, capture_output=True, timeout=60)
+        assert again.returncode == 0, again.stderr
     finally:
         stopped = _rayx(["stop"], env)
     assert "stopped 2" in stopped.stdout
     wait_for(lambda: not rayx_processes(str(tmp_path)), 15, what="rayx stop to end every node")
+    # ...and removed by the next driver that connects, since its pid is gone
     assert not [d for d in os.listdir(tmp_path) if d.startswith("driver_")]
     assert set(glob.glob("/tmp/rayx-s-*")) <= short_dirs
 
