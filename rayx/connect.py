@@ -97,7 +97,8 @@ def connect_driver(address: str, settings: Settings, token: str | None = None
     local = [n for n in nodes if n.address.rsplit(":", 1)[0] == my_ip]
     chosen = (local or [n for n in nodes if n.address == address] or nodes)[0].address
     remove_dead_drivers_dirs(settings.temp_dir)
-    private = os.path.join(settings.temp_dir, f"driver_{os.getpid()}_{ids.random_id(6)}")
+    private = os.path.join(settings.temp_dir,
+                           f"driver_{_pid_namespace()}-{os.getpid()}_{ids.random_id(6)}")
     os.makedirs(os.path.join(private, "sockets"), mode=0o700)
     try:
         core = CoreClient(node_address=chosen, head_address=address, token=token,
@@ -110,21 +111,32 @@ def connect_driver(address: str, settings: Settings, token: str | None = None
 
 def remove_dead_drivers_dirs(temp_dir: str) -> None:
     """Remove the private directories of drivers that ended without shutdown() (killed):
-    each is named driver_<pid>_<id>, and goes once no process has that pid."""
+    each is named driver_<pid namespace>-<pid>_<id>, and goes once no process of this pid
+    namespace has that pid (a directory from another namespace sharing /tmp is left alone)."""
     try:
         names = os.listdir(temp_dir)
     except FileNotFoundError:
         return
+    ns = _pid_namespace()
     for name in names:
-        parts = name.split("_")
-        if len(parts) != 3 or parts[0] != "driver" or not parts[1].isdigit():
+        kind, _, rest = name.partition("_")
+        owner, _, _ = rest.partition("_")
+        their_ns, _, pid = owner.partition("-")
+        if kind != "driver" or their_ns != ns or not pid.isdigit():
             continue
         try:
-            os.kill(int(parts[1]), 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             remove_private_dir(os.path.join(temp_dir, name))
         except PermissionError:  # another user's live process
             pass
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
 
 
 def remove_private_dir(private: str) -> None:

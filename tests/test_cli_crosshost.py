@@ -90,6 +90,24 @@ def test_start_status_submit_stop_on_this_host(tmp_path):
     assert set(glob.glob("/tmp/rayx-s-*")) <= short_dirs
 
 
+def test_only_dead_drivers_dirs_of_this_pid_namespace_are_swept(tmp_path):
+    """A driver's directory goes once its pid is gone, but not one of a live driver, nor one
+    made in another pid namespace sharing this temp dir (its pids mean nothing here)."""
+    from rayx import connect
+
+    ns = connect._pid_namespace()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    names = {"dead": f"driver_{ns}-{dead}_aaaaaaaaaaaa",
+             "live": f"driver_{ns}-{os.getpid()}_bbbbbbbbbbbb",
+             "elsewhere": f"driver_1{ns}-{dead}_cccccccccccc", "session": "session_x"}
+    for name in names.values():
+        (tmp_path / name / "sockets").mkdir(parents=True)
+    connect.remove_dead_drivers_dirs(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        names[k] for k in ("live", "elsewhere", "session"))
+
+
 def test_start_block_stays_in_the_foreground_until_stop(tmp_path):
     env = _env(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "rayx.cli", "start", "--head", "--port", "0",
