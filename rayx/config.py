@@ -32,6 +32,9 @@ class Settings:
     prestart_workers: int | None = None
     # a node silent this long is declared dead (seconds)
     node_timeout: float = 10.0
+    # seconds a worker waits for its node to answer a store call (reserve, seal) before the
+    # task that stores fails with the error; a spill to disk can make the node slow to answer
+    node_call_timeout: float = 60.0
     heartbeat_interval: float = 1.0
     # where session directories live
     temp_dir: str = "/tmp/rayx"

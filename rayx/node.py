@@ -288,6 +288,9 @@ class NodeManager(rayx_pb2_grpc.NodeManagerServicer):
         """A worker's reserve or seal over its node socket (store_files.SocketStoreCalls),
         answered on the same socket; the gRPC methods above serve drivers."""
         kind, n = msg[0], msg[1]
+        if kind == "free":  # the worker gave up waiting for its last call: undo that call
+            self.store.free([msg[2]])
+            return
         try:
             if kind == "reserve":
                 answer = ("ok", self._reserve(msg[2], msg[3]))

@@ -26,7 +26,6 @@ from rayx.protocol import rayx_pb2 as pb
 from rayx.serialization import SerializedObject
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
-NODE_CALL_TIMEOUT = 60.0  # seconds a worker waits for its node to answer a store call
 KEPT_MAPPINGS = 16  # the most free-file mappings a writer keeps
 
 
@@ -301,10 +300,12 @@ class SocketStoreCalls:
 
         ("reserve", n, oid, size) / ("seal", n, oid, size, owner) --> node
         ("store_reply", n, ("ok", value) | ("error", text)) <-- node; reply() wakes the caller
+        ("free", 0, oid) --> node, after a call that timed out (no reply)
     """
 
-    def __init__(self, conn):
+    def __init__(self, conn, timeout: float):
         self.conn = conn
+        self.timeout = timeout  # Settings.node_call_timeout
         self._lock = threading.Lock()
         self._seq = 0
         self._waiting: dict[int, list] = {}  # request number -> [Event, reply]
@@ -331,9 +332,15 @@ class SocketStoreCalls:
             self._waiting[n] = slot
         try:
             self.conn.send((kind, n, *args))
-            if not slot[0].wait(NODE_CALL_TIMEOUT):
+            if not slot[0].wait(self.timeout):
+                # the node may yet serve the call: have it undo that then, as nothing will
+                # write or seal the object now (the socket keeps the two in order)
+                try:
+                    self.conn.send(("free", 0, args[0]))
+                except ConnectionError:
+                    pass  # the node is gone, and its store with it
                 raise ConnectionError(f"the node did not answer a {kind} of object {args[0]} "
-                                      f"within {NODE_CALL_TIMEOUT:.0f} s")
+                                      f"within {self.timeout:g} s (node_call_timeout)")
         finally:
             with self._lock:
                 self._waiting.pop(n, None)

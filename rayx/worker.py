@@ -72,7 +72,7 @@ class Worker:
         self.nm = wire.connect(f"unix:{config['nm_socket']}", config["token"],
                                self._on_nm_message,
                                lambda c: exit_worker())
-        self.core.node_store = SocketStoreCalls(self.nm)
+        self.core.node_store = SocketStoreCalls(self.nm, self.settings.node_call_timeout)
         signal.signal(signal.SIGUSR1, self._on_cancel_signal)
         self.nm.send(("register", worker_id, os.getpid(), self.listener.address))
 

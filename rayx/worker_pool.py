@@ -2,6 +2,7 @@
 
     node manager --worker id--> fork server --fork--> worker --("register")--> nm socket
     worker --("reserve"|"seal", n, ...)--> nm socket --("store_reply", n, reply)--> worker
+    worker --("free", 0, oid)--> nm socket: undo a store call the worker gave up waiting for
     worker connection closes --> on_death(record): the node releases what it held
 
 A worker record's `state` is one of: starting, idle, leased, actor.
@@ -49,7 +50,7 @@ class WorkerPool:
                  on_store=None):
         self.session_dir = session_dir
         self.on_death = on_death
-        self.on_store = on_store  # (conn, msg) for a worker's "reserve" and "seal" calls
+        self.on_store = on_store  # (conn, msg) for a worker's "reserve", "seal" and "free"
         self.workers: dict[str, WorkerRecord] = {}
         self.idle: list[WorkerRecord] = []
         self.lock = threading.Lock()
@@ -100,7 +101,7 @@ class WorkerPool:
             rec = conn.peer
             rec.reply = msg[2]
             rec.ready.set()
-        elif kind in ("reserve", "seal") and self.on_store is not None:
+        elif kind in ("reserve", "seal", "free") and self.on_store is not None:
             self.on_store(conn, msg)
 
     def _on_closed(self, conn: wire.Connection) -> None:

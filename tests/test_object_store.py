@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import numpy as np
 import psutil
 import pytest
 
 import rayx
-from rayx.exceptions import ObjectStoreFullError
+from rayx.exceptions import ObjectStoreFullError, RayxTaskError
 
 from .conftest import wait_for
 
@@ -244,6 +245,44 @@ def test_free_file_keep_0_unlinks_freed_files_at_once(fresh_cluster):
     fresh_cluster(num_cpus=1, object_store_memory=64 * 1024 * 1024, free_file_keep=0)
     _freed([rayx.put(np.ones(1_000_000))])
     assert not _free_files()
+
+
+def test_a_store_call_the_node_does_not_answer_fails_its_task_and_is_undone(fresh_cluster):
+    """A worker waits node_call_timeout for its node to answer a store call, then fails the
+    task storing the result with an error naming the call, and has the node undo the call
+    when it gets to it: the 30 MiB reservation does not stay counted, which here would
+    spill the 20 MiB object already stored when the next 30 MiB come."""
+    import signal
+
+    from .conftest import rayx_processes
+
+    info = fresh_cluster(num_cpus=1, object_store_memory=64 * 1024 * 1024,
+                         node_call_timeout=1.0)
+    (node,) = [p for p in rayx_processes(info.session_dir) if "rayx.node_main" in
+               " ".join(p.cmdline())]
+    spill_dir = next(os.path.join(info.session_dir, d) for d in os.listdir(info.session_dir)
+                     if d.startswith("spill-"))
+    first = rayx.put(np.zeros(20 * 1024 * 1024 // 8))
+
+    @rayx.remote
+    def slow_big():
+        time.sleep(1.0)
+        return np.zeros(30 * 1024 * 1024 // 8)
+
+    ref = slow_big.remote()
+    time.sleep(0.5)  # it runs: its lease came from the node before the node stops
+    node.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(RayxTaskError, match="did not answer a reserve"):
+            rayx.get(ref, timeout=30)
+    finally:
+        node.send_signal(signal.SIGCONT)
+    barrier = rayx.get(rayx.remote(lambda: np.ones(1024 * 1024 // 8)).remote())  # same worker
+    assert barrier.sum() == 1024 * 1024 // 8  # socket, so the node has seen the free by now
+    second = rayx.put(np.zeros(30 * 1024 * 1024 // 8))
+    assert os.listdir(spill_dir) == []
+    assert rayx.get(first).nbytes == 20 * 1024 * 1024
+    assert rayx.get(second).nbytes == 30 * 1024 * 1024
 
 
 def test_a_free_file_half_rewritten_is_removed_not_named(tmp_path):
