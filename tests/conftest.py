@@ -20,6 +20,7 @@ import pytest
 import rayx
 
 SHM = "/dev/shm"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
 
 def rayx_processes(containing: str = "") -> list[psutil.Process]:

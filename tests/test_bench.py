@@ -6,7 +6,6 @@ system in its own process and reports medians and ratios."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 
 from bench import harness, pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .conftest import REPO
 
 
 @pytest.mark.timeout(300)

@@ -16,9 +16,8 @@ import textwrap
 
 import pytest
 
-from .conftest import rayx_processes, wait_for
+from .conftest import REPO, rayx_processes, wait_for
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NS_A, NS_B = "rayxtestA", "rayxtestB"
 IP_A, IP_B = "10.213.7.1", "10.213.7.2"
 

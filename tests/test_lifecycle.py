@@ -19,9 +19,7 @@ import rayx
 from rayx.protocol import rayx_pb2 as pb
 from rayx.protocol import rayx_pb2_grpc
 
-from .conftest import rayx_processes, rayx_segments, wait_for
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .conftest import REPO, rayx_processes, rayx_segments, wait_for
 
 
 def _session_processes(session_dir: str) -> list[psutil.Process]:

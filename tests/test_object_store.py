@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import time
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import rayx
 from rayx.exceptions import ObjectStoreFullError, RayxTaskError
 
-from .conftest import wait_for
+from .conftest import rayx_processes, wait_for
 
 
 def _store_files(info) -> list[str]:
@@ -252,10 +253,6 @@ def test_a_store_call_the_node_does_not_answer_fails_its_task_and_is_undone(fres
     task storing the result with an error naming the call, and has the node undo the call
     when it gets to it: the 30 MiB reservation does not stay counted, which here would
     spill the 20 MiB object already stored when the next 30 MiB come."""
-    import signal
-
-    from .conftest import rayx_processes
-
     info = fresh_cluster(num_cpus=1, object_store_memory=64 * 1024 * 1024,
                          node_call_timeout=1.0)
     (node,) = [p for p in rayx_processes(info.session_dir) if "rayx.node_main" in

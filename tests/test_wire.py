@@ -16,9 +16,7 @@ import pytest
 from rayx import transfer, wire
 from rayx.config import load_settings
 
-from .conftest import wait_for
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .conftest import REPO, wait_for
 
 
 class _Touch:
